@@ -1,0 +1,104 @@
+"""Multi-head Latent Attention (DeepSeek-V2 §2.1, V3 §2.1.1).
+
+    c_q  = RMSNorm(x W_DQ)                      (q_lora_rank; q = x W_Q when q_lora_rank is None)
+    [q_nope; q_rope] = c_q W_UQ                  per head: qk_nope_head_dim + qk_rope_head_dim
+    [c_kv; k_rope]   = x W_DKV                   kv_lora_rank + qk_rope_head_dim  (HF: kv_a_proj_with_mqa)
+    c_kv = RMSNorm(c_kv);  [k_nope; v] = c_kv W_UKV   per head (HF: kv_b_proj)
+    RoPE on q_rope and on the single k_rope shared by all heads.
+
+Two ways to compute the same attention:
+  * `forward` without a cache expands k and v per head and runs SDPA (training, prefill);
+  * with a cache, the up-projections are absorbed: only (c_kv, k_rope) are stored per token and
+        score = (q_nope W_UK) · c_kv + q_rope · k_rope,      out = (softmax · c_kv) W_UV
+    which reads kv_lora_rank + qk_rope_head_dim values per cached token instead of H·(d_qk + d_v).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from .layers import RMSNorm
+from .rope import apply_rope
+
+
+class MLA(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads = cfg.num_attention_heads
+        self.q_lora_rank = cfg.q_lora_rank
+        self.kv_lora_rank = cfg.kv_lora_rank
+        self.qk_nope_head_dim = cfg.qk_nope_head_dim
+        self.qk_rope_head_dim = cfg.qk_rope_head_dim
+        self.qk_head_dim = cfg.qk_head_dim
+        self.v_head_dim = cfg.v_head_dim
+        self.softmax_scale = cfg.softmax_scale
+        self.rope_interleave = cfg.rope_interleave
+        bias = cfg.attention_bias
+        H = cfg.hidden_size
+        if self.q_lora_rank is None:
+            self.q_proj = nn.Linear(H, self.n_heads * self.qk_head_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(H, self.q_lora_rank, bias=bias)
+            self.q_a_layernorm = RMSNorm(self.q_lora_rank, cfg.rms_norm_eps)
+            self.q_b_proj = nn.Linear(self.q_lora_rank, self.n_heads * self.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(H, self.kv_lora_rank + self.qk_rope_head_dim, bias=bias)
+        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, cfg.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(self.kv_lora_rank, self.n_heads * (self.qk_nope_head_dim + self.v_head_dim),
+                                   bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.v_head_dim, H, bias=bias)
+
+    def project_q(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, T, H) -> q (B, T, n_heads, qk_head_dim)."""
+        q = self.q_proj(x) if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        return q.unflatten(-1, (self.n_heads, self.qk_head_dim))
+
+    def project_kv_latent(self, x: torch.Tensor, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, T, H) -> c_kv (B, T, kv_lora_rank) normalized, k_rope (B, T, qk_rope_head_dim) rotated."""
+        c_kv, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        return self.kv_a_layernorm(c_kv), apply_rope(k_rope, cos, sin, self.rope_interleave)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, T, H). Without a cache: causal attention over x (`mask`, if given, is a (B, T, T) bool
+        mask of allowed pairs, e.g. for document masking). With a cache: attend to the cached prefix plus x,
+        `mask` (B, T, S) is then required."""
+        q_nope, q_rope = self.project_q(x).split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        q_rope = apply_rope(q_rope, cos, sin, self.rope_interleave)
+        c_kv, k_rope = self.project_kv_latent(x, cos, sin)
+        if cache is None:
+            out = self._attend_expanded(q_nope, q_rope, c_kv, k_rope, mask)
+        else:
+            c_kv, k_rope = cache.update(self.layer_idx, c_kv, k_rope)
+            out = self._attend_absorbed(q_nope, q_rope, c_kv, k_rope, mask)
+        return self.o_proj(out.flatten(2))
+
+    def _attend_expanded(self, q_nope, q_rope, c_kv, k_rope, mask):
+        B, T, _ = c_kv.shape
+        k_nope, v = self.kv_b_proj(c_kv).unflatten(-1, (self.n_heads, -1)).split(
+            [self.qk_nope_head_dim, self.v_head_dim], dim=-1)
+        q = torch.cat([q_nope, q_rope], dim=-1).transpose(1, 2)                      # (B, nh, T, d_qk)
+        k = torch.cat([k_nope, k_rope[:, :, None].expand(B, T, self.n_heads, -1)], dim=-1).transpose(1, 2)
+        v = v.transpose(1, 2)
+        if mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=self.softmax_scale)
+        return out.transpose(1, 2)                                                    # (B, T, nh, d_v)
+
+    def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """W_UK (nh, d_nope, C) and W_UV (nh, d_v, C) as views of kv_b_proj."""
+        w = self.kv_b_proj.weight.view(self.n_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
+        return w[:, : self.qk_nope_head_dim], w[:, self.qk_nope_head_dim:]
+
+    def _attend_absorbed(self, q_nope, q_rope, c_kv, k_rope, mask):
+        w_uk, w_uv = self.absorbed_weights()
+        q_lat = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)                          # q_nope W_UK
+        scores = (torch.einsum("bthc,bsc->bhts", q_lat, c_kv)
+                  + torch.einsum("bthr,bsr->bhts", q_rope, k_rope)).float() * self.softmax_scale
+        scores = scores.masked_fill(~mask[:, None], float("-inf"))
+        p = scores.softmax(dim=-1).to(c_kv.dtype)
+        o_lat = torch.einsum("bhts,bsc->bthc", p, c_kv)                               # softmax · c_kv
+        return torch.einsum("bthc,hvc->bthv", o_lat, w_uv)                            # ... W_UV

@@ -1,0 +1,120 @@
+"""DeepSeekMoE (V3 §2.1.2): shared experts + fine-grained routed experts with a sigmoid, group-limited,
+bias-corrected gate and no token dropping.
+
+    s_{i,t}  = sigmoid(u_t · e_i)                                   affinities, fp32
+    select   = top-K_r of (s + b) inside the top-`topk_group` groups (group score = sum of its top-2)
+    g_{i,t}  = s_{i,t} / Σ_{j∈select} s_{j,t} · routed_scaling_factor    (unbiased; normalized if norm_topk_prob)
+    h_t      = Σ_shared FFN(u_t) + Σ_{i∈select} g_{i,t} FFN_i(u_t)
+
+b (`e_score_correction_bias`) only steers selection; it is updated outside autograd by the aux-loss-free
+rule (train/balance.py) from the per-expert loads this module reports.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from ..kernels import grouped_mm
+from .layers import MLP
+
+
+@dataclass
+class RouterStats:
+    load: torch.Tensor          # (n_routed_experts,) tokens routed to each expert in this forward
+    balance_loss: torch.Tensor  # sequence-wise balance loss Σ_i f_i P_i, averaged over sequences (without α)
+
+
+class Gate(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_experts = cfg.n_routed_experts
+        self.top_k = cfg.num_experts_per_tok
+        self.n_group, self.topk_group = cfg.n_group, cfg.topk_group
+        self.norm_topk_prob = cfg.norm_topk_prob
+        self.routed_scaling_factor = cfg.routed_scaling_factor
+        self.scoring_func = cfg.scoring_func
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
+        self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor):
+        """x (N, H) -> weights (N, K) fp32, indices (N, K), scores (N, E) fp32 (unbiased affinities)."""
+        logits = F.linear(x.float(), self.weight.float())
+        scores = logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
+        biased = scores + self.e_score_correction_bias
+        if self.n_group > 1:
+            grouped = biased.view(-1, self.n_group, self.n_experts // self.n_group)
+            group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)               # (N, n_group)
+            keep = group_scores.topk(self.topk_group, dim=-1).indices
+            group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
+            biased = grouped.masked_fill(~group_mask[..., None], float("-inf")).flatten(1)
+        indices = biased.topk(self.top_k, dim=-1).indices
+        weights = scores.gather(1, indices)
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights * self.routed_scaling_factor, indices, scores
+
+
+class Experts(nn.Module):
+    """The routed experts as stacked weights, so all of them run as two grouped GEMMs.
+
+    gate_up_proj (E, 2·I, H) holds [W_gate; W_up] of each expert, down_proj (E, H, I). Expert parallelism
+    gives each rank a slice of experts; `expert_offset` is the global id of local expert 0.
+    """
+
+    def __init__(self, n_experts: int, dim: int, inter_dim: int, expert_offset: int = 0):
+        super().__init__()
+        self.n_experts, self.expert_offset = n_experts, expert_offset
+        self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * inter_dim, dim))
+        self.down_proj = nn.Parameter(torch.empty(n_experts, dim, inter_dim))
+
+    def forward_sorted(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """x (M, H) grouped by local expert (counts[e] rows for expert e, in order) -> (M, H)."""
+        gate, up = grouped_mm(x, self.gate_up_proj, counts).chunk(2, dim=-1)
+        return grouped_mm(F.silu(gate) * up, self.down_proj, counts)
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """x (N, H), routing weights/indices (N, K) -> Σ_k g_k FFN_{i_k}(x)  (N, H). No token is dropped."""
+        N, K = indices.shape
+        flat = indices.flatten() - self.expert_offset
+        order = flat.argsort(stable=True)                 # (token, slot) pairs grouped by expert
+        counts = torch.bincount(flat, minlength=self.n_experts)
+        token = order // K
+        y = self.forward_sorted(x[token], counts)
+        y = y * weights.flatten()[order, None].to(y.dtype)
+        return torch.zeros_like(x).index_add_(0, token, y)
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_experts, self.top_k = cfg.n_routed_experts, cfg.num_experts_per_tok
+        self.gate = Gate(cfg)
+        self.experts = Experts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
+        self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
+                               if cfg.n_shared_experts else None)
+
+    def forward(self, x: torch.Tensor, return_stats: bool = False):
+        B, T, H = x.shape
+        flat = x.reshape(-1, H)
+        weights, indices, scores = self.gate(flat)
+        y = self.experts(flat, weights, indices).view(B, T, H)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        if not return_stats:
+            return y
+        return y, self.router_stats(indices.view(B, T, -1), scores.view(B, T, -1))
+
+    def router_stats(self, indices: torch.Tensor, scores: torch.Tensor) -> RouterStats:
+        """Per-expert load, and the sequence-wise balance loss of V3 eq. 17–20 for sequences of length T:
+            f_i = N_r / (K_r T) Σ_t 1[i ∈ topk(t)],   P_i = (1/T) Σ_t s_{i,t} / Σ_j s_{j,t},   L = Σ_i f_i P_i
+        """
+        B, T, K = indices.shape
+        hits = torch.zeros(B, self.n_experts, device=scores.device).scatter_add_(
+            1, indices.reshape(B, -1), torch.ones(B, T * K, device=scores.device))
+        f = hits * self.n_experts / (K * T)
+        P = (scores / scores.sum(dim=-1, keepdim=True)).mean(dim=1)
+        return RouterStats(load=hits.sum(0).detach(), balance_loss=(f * P).sum(-1).mean())

@@ -1,0 +1,93 @@
+"""Model behaviour: cached absorbed decoding equals the full forward; gate, MTP and stats shapes."""
+import pytest
+import torch
+
+from nanoseek.config import preset
+from nanoseek.infer.cache import LatentCache
+
+from .helpers import random_model
+
+
+@pytest.mark.parametrize("overrides", [{}, {"q_lora_rank": None, "rope_interleave": False, "n_group": 1,
+                                            "topk_group": 1, "first_k_dense_replace": 0}])
+def test_cached_decoding_equals_full_forward(overrides):
+    cfg = preset("tiny", **overrides)
+    model = random_model(cfg)
+    lens = [5, 9, 3]
+    total = 14
+    seqs = [torch.randint(0, cfg.vocab_size, (total,)) for _ in lens]
+    with torch.no_grad():
+        full = [model(s[None]).logits[0] for s in seqs]
+        cache = LatentCache(cfg, batch_size=3, max_len=32)
+        T = max(lens)
+        prompt = torch.zeros(3, T, dtype=torch.long)
+        for b, n in enumerate(lens):
+            prompt[b, :n] = seqs[b][:n]
+        out = model(prompt, cache=cache, seq_lens=torch.tensor(lens)).logits
+        got = [[out[b, :n]] for b, n in enumerate(lens)]
+        assert cache.lengths.tolist() == lens
+        # then one token per row per step, rows at different positions
+        for step in range(total - max(lens)):
+            nxt = torch.stack([seqs[b][n + step] for b, n in enumerate(lens)])[:, None]
+            step_logits = model(nxt, cache=cache).logits
+            for b in range(3):
+                got[b].append(step_logits[b])
+    for b, n in enumerate(lens):
+        g = torch.cat([x.reshape(-1, cfg.vocab_size) for x in got[b]])
+        ref = full[b][: g.shape[0]]
+        assert ((g - ref).abs().max() / ref.abs().max()).item() < 1e-5
+
+
+def test_cache_overflow_is_an_error():
+    cfg = preset("tiny")
+    model = random_model(cfg)
+    cache = LatentCache(cfg, 1, 4)
+    with pytest.raises(ValueError, match="max_len 4"):
+        model(torch.zeros(1, 5, dtype=torch.long), cache=cache)
+
+
+def test_gate_selection_uses_bias_weights_do_not():
+    cfg = preset("tiny", n_group=1, topk_group=1, num_experts_per_tok=2)
+    model = random_model(cfg)
+    gate = model.moe_gates()[0]
+    x = torch.randn(16, cfg.hidden_size)
+    with torch.no_grad():
+        gate.e_score_correction_bias.zero_()
+        gate.e_score_correction_bias[3] = 10.0   # expert 3 always selected, but its weight is its plain score
+        w, idx, scores = gate(x)
+    assert (idx == 3).any(dim=1).all()
+    s = torch.sigmoid(x @ gate.weight.t())
+    sel = s.gather(1, idx)
+    assert torch.allclose(w, sel / sel.sum(1, keepdim=True) * cfg.routed_scaling_factor, atol=1e-6)
+
+
+def test_group_limited_routing_stays_in_topk_groups():
+    cfg = preset("tiny", n_routed_experts=16, n_group=4, topk_group=2, num_experts_per_tok=3)
+    gate = random_model(cfg).moe_gates()[0]
+    x = torch.randn(64, cfg.hidden_size)
+    with torch.no_grad():
+        _, idx, scores = gate(x)
+    biased = scores + gate.e_score_correction_bias
+    group_score = biased.view(64, 4, 4).topk(2, dim=-1).values.sum(-1)
+    kept = group_score.topk(2, dim=-1).indices
+    for t in range(64):
+        assert set((idx[t] // 4).tolist()) <= set(kept[t].tolist())
+
+
+def test_no_token_dropped_and_loads_sum():
+    cfg = preset("tiny")
+    model = random_model(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (2, 16))
+    loss = model.loss(ids, ids, mtp_lambda=0.3)
+    n_moe = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers)) + cfg.num_nextn_predict_layers
+    assert loss.expert_load.shape == (n_moe, cfg.n_routed_experts)
+    tokens = torch.tensor([32] * (n_moe - 1) + [30])  # the MTP depth-1 block sees T-1 positions
+    assert torch.equal(loss.expert_load.sum(1), tokens.float() * cfg.num_experts_per_tok)
+
+
+def test_grouped_mm_reference_matches_loop():
+    from nanoseek.kernels.grouped_mm import grouped_mm_reference
+    x, w = torch.randn(10, 6, dtype=torch.float64), torch.randn(3, 4, 6, dtype=torch.float64)
+    counts = torch.tensor([4, 0, 6])
+    ref = torch.cat([x[:4] @ w[0].t(), x[4:] @ w[2].t()])
+    assert torch.allclose(grouped_mm_reference(x, w, counts), ref)
