@@ -19,6 +19,9 @@ def _grouped_mm_torch(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) ->
 
 
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    if torch.is_autocast_enabled(x.device.type):  # autocast does not know grouped GEMMs: cast as it would for mm
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, w = x.to(dtype), w.to(dtype)
     if (x.is_cuda and x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
             and torch.cuda.get_device_capability(x.device)[0] >= 9):
         return _grouped_mm_torch(x, w, counts)

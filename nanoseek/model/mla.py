@@ -36,6 +36,7 @@ class MLA(nn.Module):
         self.v_head_dim = cfg.v_head_dim
         self.softmax_scale = cfg.softmax_scale
         self.rope_interleave = cfg.rope_interleave
+        self.pad_v = True
         bias = cfg.attention_bias
         H = cfg.hidden_size
         if self.q_lora_rank is None:
@@ -82,11 +83,15 @@ class MLA(nn.Module):
         q = torch.cat([q_nope, q_rope], dim=-1).transpose(1, 2)                      # (B, nh, T, d_qk)
         k = torch.cat([k_nope, k_rope[:, :, None].expand(B, T, self.n_heads, -1)], dim=-1).transpose(1, 2)
         v = v.transpose(1, 2)
+        d_v = self.v_head_dim
+        if self.pad_v and q.is_cuda and d_v < self.qk_head_dim:
+            # flash kernels want one head dim for q, k and v: zero-pad v (192 vs 128 at V3) and slice the output
+            v = F.pad(v, (0, self.qk_head_dim - d_v))
         if mask is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=self.softmax_scale)
-        return out.transpose(1, 2)                                                    # (B, T, nh, d_v)
+        return out[..., :d_v].transpose(1, 2)                                         # (B, T, nh, d_v)
 
     def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """W_UK (nh, d_nope, C) and W_UV (nh, d_v, C) as views of kv_b_proj."""

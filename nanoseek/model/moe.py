@@ -42,7 +42,8 @@ class Gate(nn.Module):
 
     def forward(self, x: torch.Tensor):
         """x (N, H) -> weights (N, K) fp32, indices (N, K), scores (N, E) fp32 (unbiased affinities)."""
-        logits = F.linear(x.float(), self.weight.float())
+        with torch.autocast(x.device.type, enabled=False):  # V3 keeps the gate in fp32, also under autocast
+            logits = F.linear(x.float(), self.weight.float())
         scores = logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
         biased = scores + self.e_score_correction_bias
         if self.n_group > 1:
@@ -77,15 +78,19 @@ class Experts(nn.Module):
         return grouped_mm(F.silu(gate) * up, self.down_proj, counts)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        """x (N, H), routing weights/indices (N, K) -> Σ_k g_k FFN_{i_k}(x)  (N, H). No token is dropped."""
+        """x (N, H), routing weights/indices (N, K) -> Σ_k g_k FFN_{i_k}(x)  (N, H). No token is dropped.
+
+        Static shapes throughout (N·K rows whatever the routing), so the layer compiles and graph-captures.
+        """
         N, K = indices.shape
         flat = indices.flatten() - self.expert_offset
         order = flat.argsort(stable=True)                 # (token, slot) pairs grouped by expert
-        counts = torch.bincount(flat, minlength=self.n_experts)
-        token = order // K
-        y = self.forward_sorted(x[token], counts)
-        y = y * weights.flatten()[order, None].to(y.dtype)
-        return torch.zeros_like(x).index_add_(0, token, y)
+        counts = torch.zeros(self.n_experts, dtype=torch.long, device=x.device).scatter_add_(
+            0, flat, torch.ones_like(flat))
+        y = self.forward_sorted(x[order // K], counts)
+        # un-permute (row j of y is pair order[j]), then the weighted sum over the K slots in one bmm
+        y = torch.empty_like(y).index_copy_(0, order, y).view(N, K, -1)
+        return torch.bmm(weights[:, None].to(y.dtype), y).squeeze(1)
 
 
 class MoE(nn.Module):

@@ -1,0 +1,172 @@
+"""Training throughput: nanoseek vs transformers' DeepseekV3ForCausalLM on identical weights (DESIGN.md §5).
+
+    python bench/train.py [--preset small] [--batch 8] [--seq 2048] [--no-compile] [--scaling]
+
+Both models start from the same checkpoint; their first-step losses must agree. transformers runs as in
+DESIGN.md §4 (bf16 weights, sdpa, fused AdamW); nanoseek runs as its trainer does (fp32 master weights, bf16
+autocast, fused AdamW, compiled blocks). Prints tokens/s, the ratio, "6N" MFU on activated parameters against the
+bf16 GEMM rate measured in the same run, and peak memory; then, with --scaling, tokens/s as n_routed_experts
+grows at fixed activated parameters.
+"""
+import argparse
+import gc
+import os
+import sys
+import tempfile
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.common import bf16_gemm_tflops, cuda_time_ms, env, median, write_json  # noqa: E402
+from nanoseek.config import preset  # noqa: E402
+from nanoseek.info import count  # noqa: E402
+from nanoseek.io import save_hf  # noqa: E402
+from nanoseek.model import DeepSeekV3  # noqa: E402
+
+
+def batch(cfg, B, T, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    ids = torch.randint(0, cfg.vocab_size, (B, T + 1), device="cuda", generator=g)
+    return ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
+
+
+def nanoseek_step_fn(model, opt, x, y, mtp_lambda=0.0):
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model.loss(x, y, mtp_lambda=mtp_lambda, balance_alpha=1e-4).total
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+    return step
+
+
+def hf_step_fn(model, opt, x, y):
+    def step():
+        loss = _hf_loss(model, x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+    return step
+
+
+def _hf_loss(model, x, y):
+    logits = model(input_ids=x).logits
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+
+
+def measure(step, iters, warmup):
+    torch.cuda.reset_peak_memory_stats()
+    times = cuda_time_ms(step, warmup, iters)
+    return median(times), torch.cuda.max_memory_allocated() / 2**30
+
+
+def build_nanoseek(cfg, compile_blocks, state=None):
+    torch.manual_seed(0)
+    model = DeepSeekV3(cfg).cuda()
+    if state is not None:
+        model.load_state_dict(state)
+    if compile_blocks:
+        for block in model.layers:
+            block.compile()
+    return model
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="small")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--scaling", action="store_true")
+    args = ap.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = True
+    cfg = preset(args.preset, num_nextn_predict_layers=0)
+    B, T = args.batch, args.seq
+    tokens = B * T
+    gemm = bf16_gemm_tflops()
+    n_act = count(cfg)["activated"]
+    flops_per_token = 6 * n_act
+    results = {"env": env(), "preset": args.preset, "batch": B, "seq": T, "bf16_gemm_tflops": gemm,
+               "activated_params": n_act}
+    x, y = batch(cfg, B, T)
+    rows = []
+
+    # -- identical weights: nanoseek's random init, saved as an HF checkpoint, loaded by transformers
+    torch.manual_seed(0)
+    ref = DeepSeekV3(cfg)
+    state = {k: v.clone() for k, v in ref.state_dict().items()}
+    hf_loss0 = None
+    if not args.no_hf:
+        import transformers
+        with tempfile.TemporaryDirectory() as d:
+            save_hf(ref, d)
+            hf = transformers.DeepseekV3ForCausalLM.from_pretrained(d, dtype=torch.bfloat16,
+                                                                    attn_implementation="sdpa").cuda()
+        hf.train()
+        opt = torch.optim.AdamW(hf.parameters(), lr=1e-4, fused=True)
+        step = hf_step_fn(hf, opt, x, y)
+        with torch.no_grad():
+            hf_loss0 = _hf_loss(hf, x, y).item()
+        ms, mem = measure(step, args.iters, args.warmup)
+        rows.append(("transformers (bf16, sdpa)", ms, mem))
+        del hf, opt, step
+        gc.collect()
+        torch.cuda.empty_cache()
+    del ref
+
+    variants = [("nanoseek (autocast bf16, compiled)", not args.no_compile)]
+    if not args.no_compile:
+        variants.append(("nanoseek (autocast bf16, eager)", False))
+    for name, comp in variants:
+        model = build_nanoseek(cfg, comp, state)
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            loss0 = model.loss(x, y).ce.item()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+        ms, mem = measure(nanoseek_step_fn(model, opt, x, y), args.iters, args.warmup)
+        rows.append((name, ms, mem))
+        results.setdefault("first_loss", {})[name] = loss0
+        del model, opt
+        gc.collect()
+        torch.cuda.empty_cache()
+    results["first_loss"]["transformers"] = hf_loss0
+
+    print(f"\n{torch.cuda.get_device_name()}  preset={args.preset}  batch {B}x{T}  activated {n_act / 1e6:.0f}M  "
+          f"bf16 GEMM {gemm:.0f} TFLOP/s")
+    print(f"first-step loss: {results['first_loss']}")
+    print(f"{'run':40s} {'ms/step':>9s} {'tokens/s':>10s} {'MFU':>6s} {'peak GiB':>9s} {'vs HF':>7s}")
+    base = rows[0][1] if not args.no_hf else None
+    for name, ms, mem in rows:
+        tps = tokens / (ms * 1e-3)
+        mfu = tps * flops_per_token / (gemm * 1e12)
+        ratio = f"{base / ms:.2f}x" if base else "-"
+        print(f"{name:40s} {ms:9.1f} {tps:10.0f} {100 * mfu:5.1f}% {mem:9.1f} {ratio:>7s}")
+        results.setdefault("runs", []).append({"name": name, "ms": ms, "tokens_per_s": tps, "mfu": mfu,
+                                               "peak_gib": mem})
+
+    if args.scaling:
+        print("\nscaling at fixed activated parameters (top-4 of E experts, moe_intermediate 512):")
+        print(f"{'experts':>8s} {'total':>8s} {'activated':>10s} {'tokens/s':>10s} {'peak GiB':>9s}")
+        for E in (8, 32, 64, 128, 256):
+            c = cfg.replace(n_routed_experts=E)
+            model = build_nanoseek(c, not args.no_compile)
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+            ms, mem = measure(nanoseek_step_fn(model, opt, x, y), args.iters, args.warmup)
+            n = count(c)
+            tps = tokens / (ms * 1e-3)
+            print(f"{E:8d} {n['total'] / 1e9:7.2f}B {n['activated'] / 1e6:9.0f}M {tps:10.0f} {mem:9.1f}")
+            results.setdefault("scaling", []).append({"experts": E, "total": n["total"],
+                                                      "activated": n["activated"], "tokens_per_s": tps,
+                                                      "peak_gib": mem})
+            del model, opt
+            gc.collect()
+            torch.cuda.empty_cache()
+    write_json("train.json", results)
+
+
+if __name__ == "__main__":
+    main()
