@@ -85,12 +85,30 @@ class Experts(nn.Module):
         N, K = indices.shape
         flat = indices.flatten() - self.expert_offset
         order = flat.argsort(stable=True)                 # (token, slot) pairs grouped by expert
+        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
         counts = torch.zeros(self.n_experts, dtype=torch.long, device=x.device).scatter_add_(
             0, flat, torch.ones_like(flat))
-        y = self.forward_sorted(x[order // K], counts)
-        # un-permute (row j of y is pair order[j]), then the weighted sum over the K slots in one bmm
-        y = torch.empty_like(y).index_copy_(0, order, y).view(N, K, -1)
-        return torch.bmm(weights[:, None].to(y.dtype), y).squeeze(1)
+        x_sorted = permute_rows(x[:, None].expand(N, K, x.shape[-1]).reshape(N * K, -1), order, inverse)
+        y = permute_rows(self.forward_sorted(x_sorted, counts), inverse, order).view(N, K, -1)
+        return (y * weights[..., None].to(y.dtype)).sum(dim=1)   # weighted sum over the K slots
+
+
+class _PermuteRows(torch.autograd.Function):
+    """rows = x[perm]; its gradient is a gather by the inverse permutation (no scatter-add, deterministic)."""
+
+    @staticmethod
+    def forward(ctx, x, perm, inverse):
+        ctx.save_for_backward(inverse)
+        return x[perm]
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        return grad[inverse], None, None
+
+
+def permute_rows(x: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    return _PermuteRows.apply(x, perm, inverse)
 
 
 class MoE(nn.Module):

@@ -8,12 +8,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
 from .block import Block
 from .layers import RMSNorm
+from .loss import chunked_cross_entropy
 from .moe import Experts, Gate, RouterStats
 from .mtp import MTPModule
 from .rope import attention_factor, inv_frequencies, rope_cos_sin
@@ -24,6 +24,7 @@ class Output:
     logits: torch.Tensor | None                                   # (B, T, V) main head
     hidden: torch.Tensor                                          # (B, T, H) final normalized hidden state
     mtp_logits: list[torch.Tensor] = field(default_factory=list)  # depth k: (B, T-k, V), predicts t_{i+k+1}
+    mtp_hidden: list[torch.Tensor] = field(default_factory=list)  # depth k: (B, T-k, H) normalized
     stats: list[RouterStats] = field(default_factory=list)        # per MoE layer (main layers, then MTP)
 
 
@@ -107,7 +108,9 @@ class DeepSeekV3(nn.Module):
                 m = None if mask is None else mask[:, k:, k:]
                 h, s = module(h[:, : T - k], self.embed_tokens(input_ids[:, k:]),
                               cos[:, : T - k], sin[:, : T - k], None, m, return_stats)
-                out.mtp_logits.append(self.lm_head(h))
+                out.mtp_hidden.append(h)
+                if logits:
+                    out.mtp_logits.append(self.lm_head(h))
                 if s is not None:
                     out.stats.append(s)
         return out
@@ -117,13 +120,13 @@ class DeepSeekV3(nn.Module):
         """labels[b, i] is the token after input_ids[b, i] (ignore_index to skip). MTP depth k at position i
         is scored on labels[b, i+k]."""
         use_mtp = mtp_lambda > 0 and len(self.mtp) > 0
-        out = self.forward(input_ids, mask=mask, mtp=use_mtp, return_stats=True)
-        ce = F.cross_entropy(out.logits.flatten(0, 1).float(), labels.flatten(), ignore_index=ignore_index)
+        out = self.forward(input_ids, mask=mask, mtp=use_mtp, return_stats=True, logits=False)
+        w = self.lm_head.weight
+        ce = chunked_cross_entropy(out.hidden, w, labels, ignore_index)
         total, mtp_loss, balance = ce, None, None
-        if out.mtp_logits:
-            mtp_loss = sum(F.cross_entropy(lg.flatten(0, 1).float(), labels[:, k:].flatten(),
-                                           ignore_index=ignore_index)
-                           for k, lg in enumerate(out.mtp_logits, start=1)) / len(out.mtp_logits)
+        if out.mtp_hidden:
+            mtp_loss = sum(chunked_cross_entropy(h, w, labels[:, k:], ignore_index)
+                           for k, h in enumerate(out.mtp_hidden, start=1)) / len(out.mtp_hidden)
             total = total + mtp_lambda * mtp_loss
         load = None
         if out.stats:
