@@ -3,8 +3,8 @@
     python bench/train.py [--preset small] [--batch 8] [--seq 2048] [--no-compile] [--scaling]
 
 Both models start from the same checkpoint; their first-step losses must agree. transformers runs as in
-DESIGN.md §4 (bf16 weights, sdpa, fused AdamW); nanoseek runs as its trainer does (fp32 master weights, bf16
-autocast, fused AdamW, compiled blocks). Prints tokens/s, the ratio, "6N" MFU on activated parameters against the
+DESIGN.md §4 (bf16 weights, sdpa, fused AdamW); nanoseek runs like for like (bf16 weights) and as its trainer
+does by default (fp32 master weights, bf16 autocast), both with fused AdamW and compiled blocks. Prints tokens/s, the ratio, "6N" MFU on activated parameters against the
 bf16 GEMM rate measured in the same run, and peak memory; then, with --scaling, tokens/s as n_routed_experts
 grows at fixed activated parameters.
 """
@@ -62,11 +62,13 @@ def measure(step, iters, warmup):
     return median(times), torch.cuda.max_memory_allocated() / 2**30
 
 
-def build_nanoseek(cfg, compile_blocks, state=None):
+def build_nanoseek(cfg, compile_blocks, state=None, dtype=torch.float32):
+    torch._dynamo.reset()  # each model compiles afresh (shared code objects would pile up guards across models)
     torch.manual_seed(0)
     model = DeepSeekV3(cfg).cuda()
     if state is not None:
         model.load_state_dict(state)
+    model.to(dtype)
     if compile_blocks:
         for block in model.layers:
             block.compile()
@@ -119,11 +121,13 @@ def main():
         torch.cuda.empty_cache()
     del ref
 
-    variants = [("nanoseek (autocast bf16, compiled)", not args.no_compile)]
+    # like for like with transformers (bf16 weights and moments), then as nanoseek's trainer runs by default
+    variants = [("nanoseek (bf16 weights, compiled)", not args.no_compile, torch.bfloat16),
+                ("nanoseek (fp32 master, autocast, compiled)", not args.no_compile, torch.float32)]
     if not args.no_compile:
-        variants.append(("nanoseek (autocast bf16, eager)", False))
-    for name, comp in variants:
-        model = build_nanoseek(cfg, comp, state)
+        variants.append(("nanoseek (fp32 master, autocast, eager)", False, torch.float32))
+    for name, comp, dtype in variants:
+        model = build_nanoseek(cfg, comp, state, dtype)
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
             loss0 = model.loss(x, y).ce.item()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
@@ -154,7 +158,7 @@ def main():
         print(f"{'experts':>8s} {'total':>8s} {'activated':>10s} {'tokens/s':>10s} {'peak GiB':>9s}")
         for E in (8, 32, 64, 128, 256):
             c = cfg.replace(n_routed_experts=E)
-            model = build_nanoseek(c, not args.no_compile).to(torch.bfloat16)
+            model = build_nanoseek(c, not args.no_compile, dtype=torch.bfloat16)
             opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
             ms, mem = measure(nanoseek_step_fn(model, opt, x, y), args.iters, args.warmup)
             n = count(c)

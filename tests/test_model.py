@@ -143,3 +143,12 @@ def test_attention_masked_path_equals_causal_path():
     with torch.no_grad():
         a, b = model(ids).logits, model(ids, mask=causal).logits
     assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_balance_bias_stays_fp32_when_model_is_cast():
+    model = random_model(preset("tiny"))
+    before = model.moe_gates()[0].e_score_correction_bias.clone()
+    model.to(torch.bfloat16)
+    after = model.moe_gates()[0].e_score_correction_bias
+    assert after.dtype == torch.float32 and torch.equal(after, before)
+    assert model.embed_tokens.weight.dtype == torch.bfloat16

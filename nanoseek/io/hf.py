@@ -220,10 +220,7 @@ def load_hf(directory: str, dtype: torch.dtype = torch.float32, device="cpu",
                              f"expected {tuple(expected[key].shape)}")
     state = _to_state_dict(model, tensors)
     model.load_state_dict(state, strict=True)
-    model.to(dtype)
-    for gate in model.moe_gates():  # the balance bias stays fp32 whatever the weights' dtype
-        gate.e_score_correction_bias.data = gate.e_score_correction_bias.data.float()
-    return model
+    return model.to(dtype)
 
 
 def _to_state_dict(model: DeepSeekV3, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

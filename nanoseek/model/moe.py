@@ -40,6 +40,14 @@ class Gate(nn.Module):
         self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
         self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
 
+    def _apply(self, fn, recurse=True):
+        # the balance bias stays fp32 whatever the model is cast to: its γ = 0.001 steps would vanish in bf16
+        bias = self.e_score_correction_bias
+        super()._apply(fn, recurse)
+        if self.e_score_correction_bias.dtype != torch.float32:
+            self.e_score_correction_bias = bias.to(self.e_score_correction_bias.device)
+        return self
+
     def forward(self, x: torch.Tensor):
         """x (N, H) -> weights (N, K) fp32, indices (N, K), scores (N, E) fp32 (unbiased affinities)."""
         with torch.autocast(x.device.type, enabled=False):  # V3 keeps the gate in fp32, also under autocast
