@@ -6,9 +6,14 @@
 nanoseek's random bf16 weights are saved as an HF checkpoint and loaded by DeepseekV3ForCausalLM, so both run
 the same model on the same prompts (random tokens, equal lengths, no padding), greedy, EOS ignored. Per batch:
 tokens/s end to end (prefill included, as `generate` reports it), nanoseek's decode step time, and how the two
-greedy outputs agree (bf16 arithmetic differs, so near-ties can part them after a while). Also: cache bytes per
-token (MLA latents vs transformers' per-head K/V, measured on its cache) and the batch-1 bound set by memory
-bandwidth, (activated weights without the embedding + latent cache) bytes per token / measured copy bandwidth.
+greedy outputs agree. Random weights make near-ties common and bf16 arithmetic differs between the two, so free
+-running outputs part after a few tokens (on CPU at small's shapes, 4 layers, 200 tokens, either model in bf16
+agrees with its own fp32 self on only ~91% of argmaxes; in fp32 the two agree to 1e-5, tests/test_model_hf_parity).
+The teacher-forced check (both score transformers' output sequence: argmax agreement and logit error per
+position) is the closer measure. Also: cache bytes per token (MLA
+latents; transformers 5 caches the latents too, measured on its cache; per-head K/V for reference) and the
+batch-1 bound set by memory bandwidth: (activated weights without the embedding + latent cache) bytes per token
+/ measured copy bandwidth.
 Prints a table and one JSON line (also written to $OUT/decode.json when OUT is set).
 """
 import argparse
@@ -26,7 +31,7 @@ from nanoseek.config import preset  # noqa: E402
 from nanoseek.infer.cache import LatentCache  # noqa: E402
 from nanoseek.infer.engine import Engine  # noqa: E402
 from nanoseek.infer.sample import SamplingParams  # noqa: E402
-from nanoseek.info import count  # noqa: E402
+from nanoseek.info import cache_bytes_per_token, count  # noqa: E402
 from nanoseek.io import save_hf  # noqa: E402
 from nanoseek.model import DeepSeekV3  # noqa: E402
 
@@ -68,6 +73,17 @@ def hf_cache_bytes(cache, batch: int) -> int:
     return sum(t.numel() * t.element_size() for t in tensors) // tokens
 
 
+@torch.no_grad()
+def teacher_forced(hf, model, seq, prompt_len):
+    """Both models score one sequence in one forward: per generated position, do their argmaxes agree, and how
+    far apart are their logits."""
+    ids = torch.tensor([seq], device="cuda")
+    a = hf(ids).logits[0, prompt_len - 1:-1].float()
+    b = model(ids).logits[0, prompt_len - 1:-1].float()
+    return {"argmax_agreement": (a.argmax(-1) == b.argmax(-1)).float().mean().item(),
+            "max_logit_error": (a - b).abs().max().item(), "max_logit": a.abs().max().item()}
+
+
 def agreement(a, b):
     """(rows identical, mean length of the common prefix)."""
     prefix = []
@@ -88,6 +104,7 @@ def main():
                                                                "expect ~0 acceptance; use it on trained weights)")
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--no-cuda-graphs", action="store_true")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the decode forward (minutes to compile)")
     args = ap.parse_args()
     batches = [int(b) for b in (args.batches or ("1,16,64" if args.preset == "small" else "1,16")).split(",")]
     over = {"num_hidden_layers": args.layers} if args.layers else {}
@@ -104,13 +121,15 @@ def main():
 
     n = count(cfg)
     bw = copy_tb_s()
-    latent_bytes = LatentCache.bytes_per_token(cfg, 2)
+    latent_bytes, per_head_bytes = cache_bytes_per_token(cfg, 2)
+    assert latent_bytes == LatentCache.bytes_per_token(cfg, 2)
     weight_bytes = 2 * n["activated_no_embedding"]
     ctx = args.prompt + args.new // 2   # mean context while decoding
     bound_ms = (weight_bytes + ctx * latent_bytes) / (bw * 1e12) * 1e3
     results = {"env": env(), "preset": args.preset, "config": over, "prompt": args.prompt, "new_tokens": args.new,
                "copy_tb_s": bw, "activated_no_embedding": n["activated_no_embedding"],
-               "cache_bytes_per_token": {"nanoseek_latent": latent_bytes}, "bound_ms_per_token_batch1": bound_ms,
+               "cache_bytes_per_token": {"nanoseek_latent": latent_bytes, "per_head_kv": per_head_bytes},
+               "bound_ms_per_token_batch1": bound_ms,
                "bound_tokens_per_s_batch1": 1e3 / bound_ms, "runs": []}
 
     hf_out = {}
@@ -129,6 +148,7 @@ def main():
             hf_out[B] = (toks, s)
             results["cache_bytes_per_token"]["transformers"] = hf_cache_bytes(cache, B)
             del cache
+        results["teacher_forced"] = teacher_forced(hf, model, prompts[0] + hf_out[batches[0]][0][0], args.prompt)
         del hf
         gc.collect()
         torch.cuda.empty_cache()
@@ -136,15 +156,15 @@ def main():
     for spec in [False, True] if args.speculative else [False]:
         for B in batches:
             engine = Engine(model, NoText(), max_batch=B, max_len=args.prompt + args.new, speculative=spec,
-                            cuda_graphs=not args.no_cuda_graphs)
+                            cuda_graphs=not args.no_cuda_graphs, compile=args.compile)
             run_nanoseek(engine, prompts[:B], args.new)                      # warm-up: captures the graphs
-            engine.stats.clear()
+            drafted, accepted = engine.stats["drafted"], engine.stats["accepted"]
             _, prefill_s = timed(lambda: run_nanoseek(engine, prompts[:B], 1))
             toks, s = timed(lambda: run_nanoseek(engine, prompts[:B], args.new))
             row = {"batch": B, "speculative": spec, "tokens_per_s": B * args.new / s, "seconds": s,
                    "decode_ms_per_step": (s - prefill_s) / (args.new - 1) * 1e3}
             if spec:
-                row["acceptance"] = engine.stats["accepted"] / max(engine.stats["drafted"], 1)
+                row["acceptance"] = (engine.stats["accepted"] - accepted) / max(engine.stats["drafted"] - drafted, 1)
                 row["decode_ms_per_step"] = None   # steps yield 1-2 tokens: tokens/s is the measure
             if B in hf_out:
                 hf_toks, hf_s = hf_out[B]
@@ -161,9 +181,12 @@ def main():
     print(f"\n{torch.cuda.get_device_name()}  preset={args.preset}{over or ''}  prompt {args.prompt}  new {args.new}  "
           f"copy {bw:.2f} TB/s  activated {n['activated_no_embedding'] / 1e9:.2f}B")
     cb = results["cache_bytes_per_token"]
-    print(f"cache bytes/token: nanoseek latent {cb['nanoseek_latent']:,}, transformers "
-          f"{cb.get('transformers', '-'):,}" + (f" ({cb['transformers'] / cb['nanoseek_latent']:.1f}x)"
-                                                 if "transformers" in cb else ""))
+    print(f"cache bytes/token: nanoseek latent {cb['nanoseek_latent']:,}, transformers {cb.get('transformers', '-')}, "
+          f"per-head K/V {cb['per_head_kv']:,} ({cb['per_head_kv'] / cb['nanoseek_latent']:.1f}x latent)")
+    if "teacher_forced" in results:
+        tf = results["teacher_forced"]
+        print(f"teacher-forced on transformers' output: argmax agreement {tf['argmax_agreement']:.1%}, "
+              f"max logit error {tf['max_logit_error']:.3g} (logit range {tf['max_logit']:.3g})")
     print(f"batch-1 bandwidth bound: {bound_ms:.2f} ms/token = {1e3 / bound_ms:.0f} tokens/s")
     print(f"{'batch':>5s} {'spec':>5s} {'nanoseek tok/s':>15s} {'ms/step':>8s} {'HF tok/s':>9s} {'speedup':>8s} "
           f"{'same rows':>10s} {'prefix':>7s} {'of bound':>9s} {'accept':>7s}")

@@ -152,3 +152,8 @@ def test_balance_bias_stays_fp32_when_model_is_cast():
     after = model.moe_gates()[0].e_score_correction_bias
     assert after.dtype == torch.float32 and torch.equal(after, before)
     assert model.embed_tokens.weight.dtype == torch.bfloat16
+
+
+def test_rope_frequencies_stay_fp32_when_model_is_cast():
+    model = random_model(preset("tiny")).to(torch.bfloat16)
+    assert model.inv_freq.dtype == torch.float32

@@ -21,6 +21,18 @@ class LatentCache:
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
         self._rows = torch.arange(batch_size, device=device)[:, None]
         self._pos = self._used = None
+        # attend over exactly this many positions instead of up to the longest row: static shapes and no
+        # host sync in begin(), as CUDA-graph capture needs; the caller then keeps rows within it
+        self.static_len: int | None = None
+
+    def narrow(self, n: int) -> "LatentCache":
+        """A cache over rows 0..n-1 sharing this one's storage and lengths (a decode step over the occupied
+        slots only)."""
+        view = object.__new__(LatentCache)
+        view.max_len, view.static_len = self.max_len, None
+        view.c_kv, view.k_rope, view.lengths = self.c_kv[:, :n], self.k_rope[:, :n], self.lengths[:n]
+        view._rows, view._pos, view._used = self._rows[:n], None, None
+        return view
 
     @staticmethod
     def bytes_per_token(cfg: ModelConfig, dtype_bytes: int = 2) -> int:
@@ -30,7 +42,7 @@ class LatentCache:
     def begin(self, T: int):
         """Positions (B, T) of the incoming tokens and the (B, T, S) mask of keys each may attend to."""
         self._pos = self.lengths[:, None] + torch.arange(T, device=self.lengths.device)
-        self._used = int(self._pos.max()) + 1
+        self._used = self.static_len or int(self._pos.max()) + 1
         if self._used > self.max_len:
             raise ValueError(f"sequence length {self._used} exceeds the cache's max_len {self.max_len}")
         keys = torch.arange(self._used, device=self.lengths.device)

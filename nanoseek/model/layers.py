@@ -1,4 +1,4 @@
-"""The two small building blocks every DeepSeek-V3 block uses: RMSNorm and the SwiGLU MLP."""
+"""Small building blocks: RMSNorm, the SwiGLU MLP, and a mixin that keeps chosen buffers in fp32."""
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -29,3 +29,19 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class FP32Buffers(nn.Module):
+    """Keeps the buffers named in `fp32_buffers` in fp32 through model.to(dtype) / .half() / .bfloat16():
+    values like RoPE frequencies or the balance bias lose what matters to them in bf16."""
+
+    fp32_buffers: tuple[str, ...] = ()
+
+    def _apply(self, fn, recurse=True):
+        saved = {name: getattr(self, name) for name in self.fp32_buffers}
+        super()._apply(fn, recurse)
+        for name, t in saved.items():
+            new = getattr(self, name)
+            if new.dtype != torch.float32:
+                setattr(self, name, t.to(new.device))
+        return self

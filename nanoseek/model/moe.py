@@ -19,7 +19,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..kernels import grouped_mm
-from .layers import MLP
+from .layers import MLP, FP32Buffers
 
 
 @dataclass
@@ -28,7 +28,9 @@ class RouterStats:
     balance_loss: torch.Tensor  # sequence-wise balance loss Σ_i f_i P_i, averaged over sequences (without α)
 
 
-class Gate(nn.Module):
+class Gate(FP32Buffers):
+    fp32_buffers = ("e_score_correction_bias",)  # γ = 0.001 bias steps would vanish in bf16
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_experts = cfg.n_routed_experts
@@ -39,14 +41,6 @@ class Gate(nn.Module):
         self.scoring_func = cfg.scoring_func
         self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
         self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
-
-    def _apply(self, fn, recurse=True):
-        # the balance bias stays fp32 whatever the model is cast to: its γ = 0.001 steps would vanish in bf16
-        bias = self.e_score_correction_bias
-        super()._apply(fn, recurse)
-        if self.e_score_correction_bias.dtype != torch.float32:
-            self.e_score_correction_bias = bias.to(self.e_score_correction_bias.device)
-        return self
 
     def forward(self, x: torch.Tensor):
         """x (N, H) -> weights (N, K) fp32, indices (N, K), scores (N, E) fp32 (unbiased affinities)."""

@@ -12,7 +12,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .block import Block
-from .layers import RMSNorm
+from .layers import FP32Buffers, RMSNorm
 from .loss import chunked_cross_entropy
 from .moe import Experts, Gate, RouterStats
 from .mtp import MTPModule
@@ -37,7 +37,9 @@ class Loss:
     expert_load: torch.Tensor | None     # (n_moe_layers, n_routed_experts) token counts
 
 
-class DeepSeekV3(nn.Module):
+class DeepSeekV3(FP32Buffers):
+    fp32_buffers = ("inv_freq",)  # bf16 frequencies are off by tenths of a radian at positions in the thousands
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
