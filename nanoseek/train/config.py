@@ -30,7 +30,12 @@ class Run:
     steps: int = knob(1000, "optimizer steps to train")
     seed: int = knob(0, "seed of the initialization and of the data order")
     device: str = knob("auto", "'auto' (cuda when available, else cpu), 'cpu', 'cuda' or 'cuda:N'")
-    autocast: bool = knob(True, "bf16 autocast on CUDA, weights stay fp32 masters (CPU always trains in fp32)")
+    precision: str = knob("bf16", "'bf16': bf16 autocast on CUDA over fp32 master weights (CPU trains in fp32); "
+                          "'fp32'; 'fp8': DeepSeek-V3's FP8 GEMMs (1x128 / 128x128 scales) in the attention "
+                          "projections, dense MLPs and experts, bf16 autocast elsewhere; on CPU an exact emulation "
+                          "(slow: for tests)")
+    compile: bool = knob(True, "torch.compile each transformer block on CUDA (the first steps compile); CPU and "
+                               "fp8 runs stay eager")
     threads: int = knob(0, "CPU threads for torch; 0 keeps torch's default")
 
 
@@ -136,6 +141,7 @@ class TrainConfig:
         need(r.device == "auto" or r.device == "cpu" or r.device.split(":")[0] == "cuda", "run.device",
              "must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
         need(r.threads >= 0, "run.threads", "must be >= 0")
+        need(r.precision in ("bf16", "fp32", "fp8"), "run.precision", "must be 'bf16', 'fp32' or 'fp8'")
         need(self.model.preset in PRESETS or bool(self.model.config), "model.preset",
              f"must be one of {', '.join(PRESETS)}")
         need(bool(d.dir), "data.dir", "must name a directory written by `nanoseek prepare`")

@@ -1,7 +1,7 @@
 """The trainer: DeepSeek-V3's pretraining recipe on one device, CPU or CUDA.
 
 One optimizer step:
-    for each of grad_accum micro-batches (bf16 autocast on CUDA, fp32 master weights):
+    for each of grad_accum micro-batches (bf16 autocast or FP8 GEMMs on CUDA, fp32 master weights):
         L = CE + λ·L_MTP + α·Σ_layers L_bal ;  backward(L / grad_accum)
     clip the global gradient norm; AdamW with the scheduled lr
     aux-loss-free bias update from the expert loads of the step (γ)
@@ -23,6 +23,7 @@ import torch
 
 from ..data.loader import TokenLoader
 from ..data.tokenizer import Tokenizer
+from ..fp8 import convert_to_fp8
 from ..model import DeepSeekV3
 from . import checkpoint
 from .balance import load_ratio, update_bias
@@ -48,7 +49,7 @@ class Trainer:
         self.device = pick_device(cfg.run.device)
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
-        self.autocast = self.device.type == "cuda" and cfg.run.autocast
+        self.autocast = self.device.type == "cuda" and cfg.run.precision != "fp32"
         ckpt = checkpoint.resolve(resume) if resume else None
         d = cfg.data
         self.train_data = TokenLoader(d.dir, "train", d.batch_size, d.seq_len, seed=cfg.run.seed)
@@ -72,6 +73,11 @@ class Trainer:
             self.model = DeepSeekV3(model_cfg).to(self.device)  # initialized on CPU: same init on any device
         self.model.train()
         self.gates = self.model.moe_gates()
+        if cfg.run.precision == "fp8":
+            convert_to_fp8(self.model)  # in place around the same Parameters: optimizer and checkpoints unchanged
+        elif cfg.run.compile and self.device.type == "cuda":
+            for block in self.model.layers:
+                block.compile()  # in place: state_dict keys stay those of the plain model
 
         o = cfg.optim
         self.optimizer = AdamW(param_groups(self.model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2),
@@ -189,7 +195,8 @@ class Trainer:
         per_step = cfg.optim.grad_accum * cfg.data.batch_size * cfg.data.seq_len
         if self.step < total:
             self.log(f"training {n_params / 1e6:.2f}M parameters on {self.device}"
-                     f"{' (bf16 autocast)' if self.autocast else ''}: {total} steps × {per_step} tokens, "
+                     f" ({cfg.run.precision if self.device.type == 'cuda' or cfg.run.precision == 'fp8' else 'fp32'})"
+                     f": {total} steps × {per_step} tokens, "
                      f"output in {self.out_dir}")
         metrics = Metrics(self.metrics_path, total, self.step, cfg.logging.progress, cfg.logging.print_every)
         saved_at = self.step
