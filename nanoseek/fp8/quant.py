@@ -1,32 +1,42 @@
 """Fine-grained FP8 (E4M3) quantization, the DeepSeek-V3 recipe (§3.3.1), plain-PyTorch reference.
 
-Weights: one scale per 128×128 block; activations: one per 1×128 tile along the inner dim. scale = amax / 448
-(E4M3's largest normal), stored as `scale_inv` so that dequantized = fp8 · scale_inv (DeepSeek's checkpoint
-convention, `weight_scale_inv`). Dims that are not multiples of the block are padded for the amax only.
+Weights: one scale per 128×128 block; activations: one per 1×128 tile along the GEMM's inner dim. Per tile
+    scale_inv = max(amax, 1e-12) / 448,    q = E4M3_rne(clamp(x / scale_inv, ±448)),    x ≈ q · scale_inv
+with 448 E4M3's largest normal. `scale_inv` is the dequantization multiplier (DeepSeek's checkpoint convention,
+`weight_scale_inv`, and what `torch._scaled_mm` takes). Dims that are not multiples of the block get a partial
+last tile: its amax is taken over the elements that exist (the same as zero padding, which never raises an amax).
+
+This file defines the arithmetic; the Triton kernels (kernels/fp8_quant.py) must reproduce it bit for bit, and
+the CPU emulation of FP8 training (fp8/emulate.py) is built from it.
 """
 import torch
 
 FP8_MAX = 448.0
 BLOCK = 128
+FP8 = torch.float8_e4m3fn
 
 
-def _blocks_amax(w: torch.Tensor, block: int) -> torch.Tensor:
+def _blocks_amax(w: torch.Tensor, block_rows: int, block_cols: int) -> torch.Tensor:
     rows, cols = w.shape
-    R, C = -(-rows // block), -(-cols // block)
-    padded = torch.zeros(R * block, C * block, dtype=torch.float32, device=w.device)
+    R, C = -(-rows // block_rows), -(-cols // block_cols)
+    padded = torch.zeros(R * block_rows, C * block_cols, dtype=torch.float32, device=w.device)
     padded[:rows, :cols] = w.float().abs()
-    return padded.view(R, block, C, block).amax(dim=(1, 3))
+    return padded.view(R, block_rows, C, block_cols).amax(dim=(1, 3))
 
 
-def _expand(scale: torch.Tensor, shape, block: int) -> torch.Tensor:
-    return scale.repeat_interleave(block, 0).repeat_interleave(block, 1)[: shape[0], : shape[1]]
+def _expand(scale: torch.Tensor, shape, block_rows: int, block_cols: int) -> torch.Tensor:
+    return scale.repeat_interleave(block_rows, 0).repeat_interleave(block_cols, 1)[: shape[0], : shape[1]]
+
+
+def _quant(x: torch.Tensor, block_rows: int, block_cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+    scale_inv = _blocks_amax(x, block_rows, block_cols).clamp(min=1e-12) / FP8_MAX
+    q = (x.float() / _expand(scale_inv, x.shape, block_rows, block_cols)).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    return q, scale_inv
 
 
 def weight_quant(w: torch.Tensor, block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
     """w (out, in) -> (float8_e4m3fn (out, in), scale_inv fp32 (ceil(out/b), ceil(in/b)))."""
-    scale_inv = _blocks_amax(w, block).clamp(min=1e-12) / FP8_MAX
-    q = (w.float() / _expand(scale_inv, w.shape, block)).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-    return q, scale_inv
+    return _quant(w, block, block)
 
 
 def weight_dequant(q: torch.Tensor, scale_inv: torch.Tensor, dtype=torch.float32, block: int = BLOCK):
@@ -35,4 +45,25 @@ def weight_dequant(q: torch.Tensor, scale_inv: torch.Tensor, dtype=torch.float32
     if tuple(scale_inv.shape) != expected:
         raise ValueError(f"weight_scale_inv has shape {tuple(scale_inv.shape)}, expected {expected} "
                          f"for a {tuple(q.shape)} weight with {block}x{block} blocks")
-    return (q.float() * _expand(scale_inv.float(), q.shape, block)).to(dtype)
+    return (q.float() * _expand(scale_inv.float(), q.shape, block, block)).to(dtype)
+
+
+def act_quant(x: torch.Tensor, block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (M, K) -> (float8_e4m3fn (M, K), scale_inv fp32 (M, ceil(K/b))): one scale per 1×b tile along K."""
+    return _quant(x, 1, block)
+
+
+def act_dequant(q: torch.Tensor, scale_inv: torch.Tensor, dtype=torch.float32, block: int = BLOCK):
+    """Inverse of act_quant."""
+    return (q.float() * _expand(scale_inv.float(), q.shape, 1, block)).to(dtype)
+
+
+def act_quant_t(x: torch.Tensor, counts: list[int] | None = None, block: int = BLOCK):
+    """The operand a Wgrad GEMM needs: x (M, K) with rows in groups of counts[g] (one group when None) ->
+    per group, act_quant(x_gᵀ) = (float8 (K, m_g), scale_inv (K, ceil(m_g/b))).
+
+    dW = dyᵀ x sums over tokens, so tokens are the inner dim here and each tile is 128 tokens × 1 feature.
+    Tiles restart at every group's first row: an expert's Wgrad is its own GEMM over its own tokens, and no
+    tile (so no scale) is shared between two experts.
+    """
+    return [act_quant(xg.t(), block) for xg in x.split(counts if counts is not None else [x.shape[0]])]

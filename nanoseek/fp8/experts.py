@@ -1,0 +1,36 @@
+"""Routed experts with FP8 grouped GEMMs: the two grouped GEMMs of `Experts.forward_sorted` (gate_up, down) run
+through `fp8_matmul` with rows grouped by expert, so Fprop, Dgrad and Wgrad of every expert are FP8 GEMMs
+(Triton grouped kernels on CUDA, kernels/fp8_gemm.py; exact emulation elsewhere). Routing, permutation and the
+weighted combine are Experts' own, unchanged.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..model.moe import Experts
+from .linear import fp8_matmul
+
+
+class FP8Experts(Experts):
+    def __init__(self, n_experts: int, dim: int, inter_dim: int, expert_offset: int = 0,
+                 emulate: bool | None = None):
+        super().__init__(n_experts, dim, inter_dim, expert_offset)
+        self.emulate = emulate
+
+    @classmethod
+    def from_experts(cls, experts: Experts, emulate: bool | None = None) -> "FP8Experts":
+        """Wraps experts' own Parameter objects (no copy)."""
+        with torch.device("meta"):
+            new = cls(experts.n_experts, experts.gate_up_proj.shape[2], experts.down_proj.shape[2],
+                      experts.expert_offset, emulate)
+        new.gate_up_proj, new.down_proj = experts.gate_up_proj, experts.down_proj
+        return new
+
+    def forward_sorted(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """x (M, H) grouped by local expert (counts[e] rows for expert e, in order) -> (M, H)."""
+        gate, up = fp8_matmul(x, self.gate_up_proj, counts, self.emulate).chunk(2, dim=-1)
+        return fp8_matmul(F.silu(gate) * up, self.down_proj, counts, self.emulate)
+
+    def extra_repr(self) -> str:
+        return f"n_experts={self.n_experts}, emulate={self.emulate}"

@@ -1,0 +1,111 @@
+"""FP8 linear layers (V3 §3.3): Fprop, Dgrad and Wgrad as FP8 GEMMs with FP32 accumulation.
+
+    Fprop  y  = x Wᵀ      Q(x) 1×128 along in,       Q(W) 128×128
+    Dgrad  dx = dy W      Q(dy) 1×128 along out,     Q(W) 128×128, transposed (from the same quantization)
+    Wgrad  dW = dyᵀ x     Q(dyᵀ), Q(xᵀ) 1×128 along tokens
+
+x is kept for Wgrad only in FP8: forward quantizes it both ways in one pass (1×128 for Fprop, 128×1 token tiles
+for Wgrad) and keeps the token-tiled copy, not x. V3 instead caches the 1×128 copy and re-tiles it in backward,
+with power-of-2 scales so that the re-tiling adds no error; quantizing x twice from high precision gives each
+GEMM operand exactly one rounding with any scales, for the same 1 byte per element of saved activation.
+The master weight stays fp32 (or whatever the parameter is) and its gradient comes back in that dtype.
+
+`backend_for` is the one place that chooses the arithmetic: real FP8 (fp8/hopper.py) for CUDA tensors, the exact
+emulation (fp8/emulate.py) on CPU or when asked to.
+"""
+from __future__ import annotations
+
+import functools
+import warnings
+
+import torch
+from torch import nn
+
+from .emulate import EmulatedFP8
+
+
+class FP8Matmul(torch.autograd.Function):
+    """y = x Wᵀ with rows of x grouped by counts (weight (G, N, K)), or plain (counts None, weight (N, K))."""
+
+    @staticmethod
+    def forward(ctx, x, weight, counts, backend, out_dtype, grad_enabled=True):
+        # needs_input_grad ignores no_grad mode: grad_enabled (the caller's mode) saves the backward's copies
+        need_dx, need_dw = ctx.needs_input_grad[:2] if grad_enabled else (False, False)
+        with torch.autocast(x.device.type, enabled=False):   # the GEMMs' dtypes are the recipe's, not autocast's
+            x_rows, x_t = backend.quant_act(x, counts, transposed=need_dw)
+            w = backend.quant_weight(weight)
+            y = backend.fprop(x_rows, w, counts, out_dtype)
+        # FP8 tensors made here, not inputs: kept on ctx (save_for_backward is for inputs and outputs)
+        ctx.backend, ctx.counts = backend, counts
+        ctx.w, ctx.x_t = (w if need_dx else None), x_t
+        ctx.x_dtype, ctx.w_dtype = x.dtype, weight.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        need_dx, need_dw = ctx.needs_input_grad[:2]
+        backend, counts = ctx.backend, ctx.counts
+        dy_rows, dy_t = backend.quant_act(dy, counts, transposed=need_dw)
+        dx = backend.dgrad(dy_rows, ctx.w, counts, ctx.x_dtype) if need_dx else None
+        dw = backend.wgrad(dy_t, ctx.x_t, counts, ctx.w_dtype) if need_dw else None
+        return dx, dw, None, None, None, None
+
+
+@torch.compiler.disable   # opaque to torch.compile: the kernels and their fallbacks run eagerly
+def fp8_matmul(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor | None = None,
+               emulate: bool | None = None) -> torch.Tensor:
+    """x (..., K) · Wᵀ in FP8 -> (..., N), in autocast's dtype when autocast is on (as F.linear), else x's.
+    counts: (G,) rows of x per group for a stacked weight (G, N, K)."""
+    dev = x.device.type
+    out_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+    y = FP8Matmul.apply(x.reshape(-1, x.shape[-1]), weight, counts, backend_for(x.device, emulate), out_dtype,
+                        torch.is_grad_enabled())
+    return y.view(*x.shape[:-1], y.shape[-1])
+
+
+class FP8Linear(nn.Linear):
+    """nn.Linear whose three GEMMs run in FP8. Same parameters, so the same state_dict, optimizer and checkpoints.
+    emulate: None = real FP8 on CUDA, emulation elsewhere; True = always emulate."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None,
+                 emulate: bool | None = None):
+        super().__init__(in_features, out_features, bias, device, dtype)
+        self.emulate = emulate
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, emulate: bool | None = None) -> "FP8Linear":
+        """Wraps linear's own Parameter objects (no copy: an optimizer already holding them keeps working)."""
+        new = cls(linear.in_features, linear.out_features, linear.bias is not None, device="meta", emulate=emulate)
+        new.weight, new.bias = linear.weight, linear.bias
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = fp8_matmul(x, self.weight, None, self.emulate)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, emulate={self.emulate}"
+
+
+_EMULATED = EmulatedFP8()
+
+
+def backend_for(device: torch.device, emulate: bool | None):
+    if emulate or (emulate is None and device.type != "cuda"):
+        return _EMULATED
+    if device.type != "cuda":
+        raise ValueError(f"real FP8 GEMMs need a CUDA device, got {device}; use emulate=True (or None)")
+    return _cuda_backend(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _cuda_backend(index: int):
+    if torch.cuda.get_device_capability(index) < (8, 9):
+        warnings.warn(f"{torch.cuda.get_device_name(index)} has no FP8 tensor cores: FP8 training is emulated")
+        return _EMULATED
+    try:
+        from .hopper import HopperFP8   # imports Triton, present only on CUDA installs
+    except ImportError as e:
+        warnings.warn(f"FP8 kernels unavailable ({e}): FP8 training is emulated")
+        return _EMULATED
+    return HopperFP8()

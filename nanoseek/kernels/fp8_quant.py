@@ -1,0 +1,172 @@
+"""Triton FP8 quantization kernels (CUDA only; the PyTorch reference is nanoseek/fp8/quant.py).
+
+Same arithmetic as the reference, bit for bit: scale_inv = max(amax, 1e-12) / 448 and q = E4M3_rne(clamp(x /
+scale_inv, ±448)), with IEEE round-to-nearest division (`div_rn`: Triton's `/` is an approximate divide on CUDA).
+The outputs are laid out for the GEMMs (fp8/hopper.py): inner dims zero-padded to multiples of 128 and scales in
+the layouts `torch._scaled_mm` takes, so no copy is needed between quantization and GEMM.
+
+* `act_quant`: one read of x (M, K) gives both operands the recipe needs from an activation:
+    rows   1×128 tiles along K (Fprop's x, Dgrad's dy):  q (M, Kp), scale_inv (M, Kt) column-major;
+    tokens 128×1 tiles along M, transposed (Wgrad's xᵀ, dyᵀ): q (Kp, T·128), scale_inv (T, Kp) row-major.
+  Rows may be grouped (MoE: counts[g] rows per expert): token tiles then restart at each group's first row and
+  group g owns the 128-column slices [tile_start_g, tile_end_g) of the transposed output.
+* `weight_quant`: 128×128 blocks of W (N, K) or stacked (G, N, K), written both ways round (W for Fprop, Wᵀ for
+  Dgrad: a 128×128 block quantization of Wᵀ is the transpose of W's, so one pass gives both).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK = 128
+
+
+class Rows(NamedTuple):
+    """1×128 tiles along the last dim: q (M, Kp), scale_inv (M, Kt) column-major; cols = the real K."""
+    q: torch.Tensor
+    scale_inv: torch.Tensor
+    cols: int
+
+
+class Tokens(NamedTuple):
+    """128×1 tiles along tokens, stored transposed: q (Kp, T·128), scale_inv (T, Kp); cols = the real K;
+    counts (G,) int32 rows per group, on the device."""
+    q: torch.Tensor
+    scale_inv: torch.Tensor
+    cols: int
+    counts: torch.Tensor
+
+
+class Blocks(NamedTuple):
+    """128×128 blocks of (…, N, K): q (…, Np, Kp), qt = its transpose (…, Kp, Np), scale_inv (…, Nt, Kt) and
+    its transpose scale_inv_t (…, Kt, Nt), all contiguous; rows, cols = the real N, K."""
+    q: torch.Tensor
+    qt: torch.Tensor
+    scale_inv: torch.Tensor
+    scale_inv_t: torch.Tensor
+    rows: int
+    cols: int
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def token_tiles(rows: int, groups: int) -> int:
+    """Upper bound on 128-row tiles when each of `groups` groups starts a new tile: Σ ceil(c_g/128) ≤
+    (Σ c_g + 127·G) / 128. Exact for one group."""
+    return (rows + (BLOCK - 1) * groups) // BLOCK
+
+
+@triton.jit
+def group_tile(counts_ptr, G, pid, BLOCK_ROWS: tl.constexpr, BLOCK_G: tl.constexpr):
+    """Tile `pid` of rows grouped by counts, each group cut into BLOCK_ROWS-row tiles from its first row:
+    returns (group, first row of the tile, end row of the group). group >= G for a tile past the last one."""
+    idx = tl.arange(0, BLOCK_G)
+    counts = tl.load(counts_ptr + idx, mask=idx < G, other=0)
+    tiles = (counts + BLOCK_ROWS - 1) // BLOCK_ROWS
+    tile_end = tl.cumsum(tiles, axis=0)
+    row_end = tl.cumsum(counts, axis=0)
+    g = tl.sum((tile_end <= pid).to(tl.int32), axis=0)   # tile_end is non-decreasing: the groups wholly before pid
+    this = idx == g
+    first_tile = tl.sum(tl.where(this, tile_end - tiles, 0), axis=0)
+    end = tl.sum(tl.where(this, row_end, 0), axis=0)
+    start = tl.sum(tl.where(this, row_end - counts, 0), axis=0) + (pid - first_tile) * BLOCK_ROWS
+    return g, start, end
+
+
+@triton.jit
+def _act_quant_kernel(x_ptr, stride_xm, stride_xk, K, counts_ptr, G,
+                      q_ptr, stride_qm, s_ptr, stride_sm, stride_sk,
+                      qt_ptr, stride_qtk, st_ptr, stride_stt,
+                      ROWS: tl.constexpr, TOKENS: tl.constexpr, BLOCK_G: tl.constexpr):
+    pid_t = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    g, start, end = group_tile(counts_ptr, G, pid_t, 128, BLOCK_G)
+    if g >= G:
+        return
+    r = tl.arange(0, 128)
+    rows = (start + r).to(tl.int64)
+    cols = pid_k * 128 + r
+    row_ok = rows < end
+    x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
+                mask=row_ok[:, None] & (cols[None, :] < K), other=0.0).to(tl.float32)
+    ax = tl.abs(x)
+    if ROWS:   # 1×128 along K: one scale per row of the tile
+        s = tl.math.div_rn(tl.maximum(tl.max(ax, axis=1), 1e-12), 448.0)
+        q = tl.clamp(tl.math.div_rn(x, s[:, None]), -448.0, 448.0).to(tl.float8e4nv)
+        tl.store(q_ptr + rows[:, None] * stride_qm + cols[None, :], q, mask=row_ok[:, None])
+        tl.store(s_ptr + rows * stride_sm + pid_k * stride_sk, s, mask=row_ok)
+    if TOKENS:  # 128×1 along tokens: one scale per column of the tile, written transposed
+        s = tl.math.div_rn(tl.maximum(tl.max(ax, axis=0), 1e-12), 448.0)
+        q = tl.clamp(tl.math.div_rn(x, s[None, :]), -448.0, 448.0).to(tl.float8e4nv)
+        tokens = pid_t.to(tl.int64) * 128 + r
+        tl.store(qt_ptr + cols[:, None].to(tl.int64) * stride_qtk + tokens[None, :], tl.trans(q))
+        tl.store(st_ptr + pid_t * stride_stt + cols, s)
+
+
+@triton.jit
+def _weight_quant_kernel(w_ptr, stride_wg, stride_wn, stride_wk, N, K, Np, Kp, Nt, Kt,
+                         q_ptr, qt_ptr, s_ptr, st_ptr):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    g = tl.program_id(2).to(tl.int64)
+    r = tl.arange(0, 128)
+    rows = pid_n * 128 + r
+    cols = pid_k * 128 + r
+    w = tl.load(w_ptr + g * stride_wg + rows[:, None] * stride_wn + cols[None, :] * stride_wk,
+                mask=(rows[:, None] < N) & (cols[None, :] < K), other=0.0).to(tl.float32)
+    s = tl.math.div_rn(tl.maximum(tl.max(tl.abs(w)), 1e-12), 448.0)
+    q = tl.clamp(tl.math.div_rn(w, s), -448.0, 448.0).to(tl.float8e4nv)
+    tl.store(q_ptr + g * Np * Kp + rows[:, None] * Kp + cols[None, :], q)
+    tl.store(qt_ptr + g * Kp * Np + cols[:, None] * Np + rows[None, :], tl.trans(q))
+    tl.store(s_ptr + g * Nt * Kt + pid_n * Kt + pid_k, s)
+    tl.store(st_ptr + g * Kt * Nt + pid_k * Nt + pid_n, s)
+
+
+def block_g(groups: int) -> int:
+    return max(16, triton.next_power_of_2(groups))
+
+
+def act_quant(x: torch.Tensor, counts: torch.Tensor | None = None, rows: bool = True, tokens: bool = False):
+    """x (M, K) -> (Rows or None, Tokens or None). counts: (G,) rows per group (None: one group of M)."""
+    M, K = x.shape
+    Kt = cdiv(K, BLOCK)
+    Kp = Kt * BLOCK
+    counts = (torch.full((1,), M, dtype=torch.int32, device=x.device) if counts is None
+              else counts.to(torch.int32))
+    G = counts.numel()
+    T = token_tiles(M, G)
+    dev, fp8 = x.device, torch.float8_e4m3fn
+    q = torch.empty(M, Kp, dtype=fp8, device=dev) if rows else None
+    s = torch.empty(Kt, M, dtype=torch.float32, device=dev).t() if rows else None  # (M, Kt), column-major
+    qt = torch.empty(Kp, T * BLOCK, dtype=fp8, device=dev) if tokens else None
+    st = torch.empty(T, Kp, dtype=torch.float32, device=dev) if tokens else None
+    if M:
+        _act_quant_kernel[(T, Kt)](
+            x, x.stride(0), x.stride(1), K, counts, G,
+            q, q.stride(0) if rows else 0, s, s.stride(0) if rows else 0, s.stride(1) if rows else 0,
+            qt, qt.stride(0) if tokens else 0, st, st.stride(0) if tokens else 0,
+            ROWS=rows, TOKENS=tokens, BLOCK_G=block_g(G), num_warps=8)
+    return (Rows(q, s, K) if rows else None), (Tokens(qt, st, K, counts) if tokens else None)
+
+
+def weight_quant(w: torch.Tensor) -> Blocks:
+    """w (N, K) or (G, N, K) -> Blocks (with the same leading dims)."""
+    w3 = w if w.dim() == 3 else w[None]
+    G, N, K = w3.shape
+    Nt, Kt = cdiv(N, BLOCK), cdiv(K, BLOCK)
+    Np, Kp = Nt * BLOCK, Kt * BLOCK
+    dev, fp8 = w.device, torch.float8_e4m3fn
+    q = torch.empty(G, Np, Kp, dtype=fp8, device=dev)
+    qt = torch.empty(G, Kp, Np, dtype=fp8, device=dev)
+    s = torch.empty(G, Nt, Kt, dtype=torch.float32, device=dev)
+    st = torch.empty(G, Kt, Nt, dtype=torch.float32, device=dev)
+    _weight_quant_kernel[(Nt, Kt, G)](w3, w3.stride(0), w3.stride(1), w3.stride(2), N, K, Np, Kp, Nt, Kt,
+                                      q, qt, s, st, num_warps=8)
+    if w.dim() == 2:
+        q, qt, s, st = q[0], qt[0], s[0], st[0]
+    return Blocks(q, qt, s, st, N, K)
