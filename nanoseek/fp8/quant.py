@@ -29,7 +29,10 @@ def _expand(scale: torch.Tensor, shape, block_rows: int, block_cols: int) -> tor
 
 
 def _quant(x: torch.Tensor, block_rows: int, block_cols: int) -> tuple[torch.Tensor, torch.Tensor]:
-    scale_inv = _blocks_amax(x, block_rows, block_cols).clamp(min=1e-12) / FP8_MAX
+    amax = _blocks_amax(x, block_rows, block_cols).clamp(min=1e-12)
+    # a tensor divisor: CUDA divides by a Python scalar as a multiply by its reciprocal (1 ulp off IEEE division),
+    # CPU does not; the Triton kernels divide exactly (div_rn)
+    scale_inv = amax / torch.full_like(amax, FP8_MAX)
     q = (x.float() / _expand(scale_inv, x.shape, block_rows, block_cols)).clamp(-FP8_MAX, FP8_MAX).to(FP8)
     return q, scale_inv
 

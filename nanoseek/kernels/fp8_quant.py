@@ -41,8 +41,9 @@ class Tokens(NamedTuple):
 
 
 class Blocks(NamedTuple):
-    """128×128 blocks of (…, N, K): q (…, Np, Kp), qt = its transpose (…, Kp, Np), scale_inv (…, Nt, Kt) and
-    its transpose scale_inv_t (…, Kt, Nt), all contiguous; rows, cols = the real N, K."""
+    """128×128 blocks of (…, N, K): q (…, Np, Kp), qt = its transpose (…, Kp, Np), both contiguous; scale_inv
+    (…, Nt, Kt) and its transpose scale_inv_t (…, Kt, Nt), row-major with rows padded to 4 floats (`_scales`);
+    rows, cols = the real N, K."""
     q: torch.Tensor
     qt: torch.Tensor
     scale_inv: torch.Tensor
@@ -110,7 +111,7 @@ def _act_quant_kernel(x_ptr, stride_xm, stride_xk, K, counts_ptr, G,
 
 @triton.jit
 def _weight_quant_kernel(w_ptr, stride_wg, stride_wn, stride_wk, N, K, Np, Kp, Nt, Kt,
-                         q_ptr, qt_ptr, s_ptr, st_ptr):
+                         q_ptr, qt_ptr, s_ptr, stride_sg, stride_sn, st_ptr, stride_stg, stride_stk):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     g = tl.program_id(2).to(tl.int64)
@@ -123,8 +124,16 @@ def _weight_quant_kernel(w_ptr, stride_wg, stride_wn, stride_wk, N, K, Np, Kp, N
     q = tl.clamp(tl.math.div_rn(w, s), -448.0, 448.0).to(tl.float8e4nv)
     tl.store(q_ptr + g * Np * Kp + rows[:, None] * Kp + cols[None, :], q)
     tl.store(qt_ptr + g * Kp * Np + cols[:, None] * Np + rows[None, :], tl.trans(q))
-    tl.store(s_ptr + g * Nt * Kt + pid_n * Kt + pid_k, s)
-    tl.store(st_ptr + g * Kt * Nt + pid_k * Nt + pid_n, s)
+    tl.store(s_ptr + g * stride_sg + pid_n * stride_sn + pid_k, s)
+    tl.store(st_ptr + g * stride_stg + pid_k * stride_stk + pid_n, s)
+
+
+def _scales(rows: int, cols: int, device, groups: int | None = None) -> torch.Tensor:
+    """fp32 (groups, rows, cols) scales whose rows start 16-byte aligned: the row stride is cols rounded up to 4.
+    cuBLAS reads block-scale tensors with a leading dimension padded to a multiple of 4 floats; with an unpadded
+    stride (e.g. 11 K-blocks) `_scaled_mm` accepted the layout and read the wrong scales (H100, torch 2.11)."""
+    lead = (groups,) if groups is not None else ()
+    return torch.empty(*lead, rows, -(-cols // 4) * 4, dtype=torch.float32, device=device)[..., :cols]
 
 
 def block_g(groups: int) -> int:
@@ -142,7 +151,7 @@ def act_quant(x: torch.Tensor, counts: torch.Tensor | None = None, rows: bool = 
     T = token_tiles(M, G)
     dev, fp8 = x.device, torch.float8_e4m3fn
     q = torch.empty(M, Kp, dtype=fp8, device=dev) if rows else None
-    s = torch.empty(Kt, M, dtype=torch.float32, device=dev).t() if rows else None  # (M, Kt), column-major
+    s = _scales(Kt, M, dev).t() if rows else None  # (M, Kt), column-major
     qt = torch.empty(Kp, T * BLOCK, dtype=fp8, device=dev) if tokens else None
     st = torch.empty(T, Kp, dtype=torch.float32, device=dev) if tokens else None
     if M:
@@ -163,10 +172,11 @@ def weight_quant(w: torch.Tensor) -> Blocks:
     dev, fp8 = w.device, torch.float8_e4m3fn
     q = torch.empty(G, Np, Kp, dtype=fp8, device=dev)
     qt = torch.empty(G, Kp, Np, dtype=fp8, device=dev)
-    s = torch.empty(G, Nt, Kt, dtype=torch.float32, device=dev)
-    st = torch.empty(G, Kt, Nt, dtype=torch.float32, device=dev)
+    s = _scales(Nt, Kt, dev, G)
+    st = _scales(Kt, Nt, dev, G)
     _weight_quant_kernel[(Nt, Kt, G)](w3, w3.stride(0), w3.stride(1), w3.stride(2), N, K, Np, Kp, Nt, Kt,
-                                      q, qt, s, st, num_warps=8)
+                                      q, qt, s, s.stride(0), s.stride(1), st, st.stride(0), st.stride(1),
+                                      num_warps=8)
     if w.dim() == 2:
         q, qt, s, st = q[0], qt[0], s[0], st[0]
     return Blocks(q, qt, s, st, N, K)
