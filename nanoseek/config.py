@@ -9,7 +9,7 @@ import dataclasses
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 ROPE_TYPES = ("default", "yarn")

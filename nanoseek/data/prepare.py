@@ -20,6 +20,7 @@ import re
 
 import numpy as np
 
+from ..io.jsonl import read_jsonl
 from .corpus import default_corpus
 from .tokenizer import Tokenizer, train_tokenizer
 
@@ -61,17 +62,10 @@ def read_documents(path: str, text_key: str = "text") -> list[str]:
                 return [d.strip() for d in re.split(r"\n\s*\n", f.read())]
         if path.endswith(".jsonl"):
             docs = []
-            with open(path, encoding="utf-8") as f:
-                for i, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise ValueError(f"{path}:{i}: not JSON ({e})") from None
-                    if not isinstance(row, dict) or text_key not in row:
-                        raise ValueError(f"{path}:{i}: no field '{text_key}'")
-                    docs.append(_text(f"{path}:{i}", row[text_key], text_key))
+            for where, row in read_jsonl(path, "input file"):
+                if text_key not in row:
+                    raise ValueError(f"{where}: no field '{text_key}'")
+                docs.append(_text(where, row[text_key], text_key))
             return docs
         return _read_parquet(path, text_key)
     except UnicodeDecodeError as e:

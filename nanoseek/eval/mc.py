@@ -10,11 +10,11 @@ same question tokens. JSONL: {"question": ..., "choices": [...], "answer": index
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 import torch
 
+from ..io.jsonl import read_jsonl
 from ..post.logprobs import batch, completion_logprobs
 
 
@@ -27,27 +27,17 @@ class Item:
 
 def read_mc(path: str) -> list[Item]:
     items = []
-    try:
-        with open(path, encoding="utf-8") as f:
-            for i, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{i}: not JSON ({e})") from None
-                choices, answer = row.get("choices"), row.get("answer")
-                if not isinstance(row.get("question"), str) or not isinstance(choices, list) or len(choices) < 2:
-                    raise ValueError(f"{path}:{i}: needs 'question' and a list of at least 2 'choices'")
-                if isinstance(answer, str):
-                    if answer not in choices:
-                        raise ValueError(f"{path}:{i}: answer {answer!r} is not one of the choices")
-                    answer = choices.index(answer)
-                if not isinstance(answer, int) or not 0 <= answer < len(choices):
-                    raise ValueError(f"{path}:{i}: 'answer' must be a choice index or a choice's text")
-                items.append(Item(row["question"], [str(c) for c in choices], answer))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"multiple-choice file not found: {path}") from None
+    for where, row in read_jsonl(path, "multiple-choice file"):
+        choices, answer = row.get("choices"), row.get("answer")
+        if not isinstance(row.get("question"), str) or not isinstance(choices, list) or len(choices) < 2:
+            raise ValueError(f"{where}: needs 'question' and a list of at least 2 'choices'")
+        if isinstance(answer, str):
+            if answer not in choices:
+                raise ValueError(f"{where}: answer {answer!r} is not one of the choices")
+            answer = choices.index(answer)
+        if not isinstance(answer, int) or not 0 <= answer < len(choices):
+            raise ValueError(f"{where}: 'answer' must be a choice index or a choice's text")
+        items.append(Item(row["question"], [str(c) for c in choices], answer))
     if not items:
         raise ValueError(f"{path}: no items")
     return items

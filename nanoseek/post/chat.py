@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..io.jsonl import read_jsonl
+
 IGNORE = -100
 ROLES = ("system", "user", "assistant")
 
@@ -24,26 +26,16 @@ ROLES = ("system", "user", "assistant")
 def read_chat_jsonl(path: str) -> list[list[dict]]:
     """Conversations of a JSONL file, one {"messages": [{"role", "content"}, ...]} per line."""
     out = []
-    try:
-        with open(path, encoding="utf-8") as f:
-            for i, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{i}: not JSON ({e})") from None
-                messages = row.get("messages") if isinstance(row, dict) else None
-                if not isinstance(messages, list) or not messages:
-                    raise ValueError(f"{path}:{i}: needs a non-empty 'messages' list")
-                for m in messages:
-                    if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-                        raise ValueError(f"{path}:{i}: each message needs a role in {ROLES} and a string content")
-                if not any(m["role"] == "assistant" for m in messages):
-                    raise ValueError(f"{path}:{i}: no assistant message to learn from")
-                out.append(messages)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"SFT data not found: {path}") from None
+    for where, row in read_jsonl(path, "SFT data"):
+        messages = row.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise ValueError(f"{where}: needs a non-empty 'messages' list")
+        for m in messages:
+            if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+                raise ValueError(f"{where}: each message needs a role in {ROLES} and a string content")
+        if not any(m["role"] == "assistant" for m in messages):
+            raise ValueError(f"{where}: no assistant message to learn from")
+        out.append(messages)
     return out
 
 

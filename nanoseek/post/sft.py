@@ -12,8 +12,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-import torch
-
 from ..train.config import knob
 from .chat import document_mask, encode_chat, pack, read_chat_jsonl
 from .run import Run

@@ -11,11 +11,11 @@ salted hash()): a held-out problem can never be drawn for training, whatever the
 """
 from __future__ import annotations
 
-import json
 import random
 import zlib
 from dataclasses import dataclass
 
+from ..io.jsonl import read_jsonl
 from .expr import ParseError, numbers, parse
 from .rewards import BOXED, THINK_CLOSE, THINK_OPEN, same_answer
 
@@ -218,21 +218,11 @@ class FileTask(Task):
     def __init__(self, path: str, answer_pattern: str | None = None):
         self.name, self.answer_pattern = path, answer_pattern
         self.all: list[Problem] = []
-        try:
-            with open(path, encoding="utf-8") as f:
-                for i, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise ValueError(f"{path}:{i}: not JSON ({e})") from None
-                    if not isinstance(row, dict) or "question" not in row or "answer" not in row:
-                        raise ValueError(f"{path}:{i}: needs 'question' and 'answer'")
-                    q, a = str(row["question"]), str(row["answer"])
-                    self.all.append(Problem(q, a, q))
-        except FileNotFoundError:
-            raise FileNotFoundError(f"task file not found: {path}") from None
+        for where, row in read_jsonl(path, "task file"):
+            if "question" not in row or "answer" not in row:
+                raise ValueError(f"{where}: needs 'question' and 'answer'")
+            q, a = str(row["question"]), str(row["answer"])
+            self.all.append(Problem(q, a, q))
         if not self.all:
             raise ValueError(f"{path}: no problems")
 
