@@ -302,8 +302,44 @@ def _add_eval(sub):
     p.set_defaults(func=run)
 
 
+# ---- convert: GGUF for llama.cpp / LM Studio, HF dtypes ----------------------------------------------------------
+def _add_convert(sub):
+    p = sub.add_parser("convert", help="checkpoint to GGUF (llama.cpp / LM Studio) or to an HF directory in "
+                                       "another dtype (bf16 / fp32 / FP8)")
+    p.add_argument("--to", required=True, choices=["gguf", "hf"], help="output format")
+    p.add_argument("--ckpt", required=True, help="HF deepseek_v3 checkpoint directory (FP8 ones included)")
+    p.add_argument("--out", required=True, help="gguf: the .gguf file; hf: a new (or empty) directory")
+    p.add_argument("--type", default=None, choices=["f32", "f16", "bf16", "q8_0"],
+                   help="gguf: tensor type of the matrices; norms, router and bias stay f32 (default: f16)")
+    p.add_argument("--dtype", default=None, choices=["bf16", "fp32", "fp8"],
+                   help="hf: weight dtype; fp8: E4M3 with 128x128 weight_scale_inv, the rest bf16 (default: bf16)")
+    p.add_argument("--tokenizer", default=None, metavar="DIR", help="gguf: tokenizer files (default: --ckpt)")
+    p.add_argument("--tokenizer-pre", default=None, metavar="NAME",
+                   help="gguf: llama.cpp pre-tokenizer name (default: derived from tokenizer.json)")
+    p.add_argument("--no-mtp", action="store_true", help="gguf: leave the MTP (nextn) layers out")
+
+    def run(a):
+        from .io.gguf import convert_hf, export_gguf
+        wrong = "--dtype" if a.to == "gguf" and a.dtype else "--type" if a.to == "hf" and a.type else None
+        if wrong:
+            raise ValueError(f"{wrong} does not apply to --to {a.to} (gguf takes --type, hf takes --dtype)")
+        if a.to == "gguf":
+            import importlib.util
+            if importlib.util.find_spec("gguf") is None:
+                raise ValueError("--to gguf needs the `gguf` package: pip install 'nanoseek[gguf]'")
+            s = export_gguf(a.ckpt, a.out, a.type or "f16", tokenizer=a.tokenizer, mtp=not a.no_mtp,
+                            tokenizer_pre=a.tokenizer_pre)
+            print(f"{s['out']}: {s['type']}, {s['tensors']} tensors, {s['params']:,} parameters, "
+                  f"{s['mtp_layers']} MTP layers, {s['tokens']} tokens (pre-tokenizer {s['pre']}), "
+                  f"{s['bytes'] / 2**20:.1f} MiB")
+        else:
+            s = convert_hf(a.ckpt, a.out, a.dtype or "bf16")
+            print(f"{s['out']}: {s['dtype']}, {', '.join(s['files'])}, {s['bytes'] / 2**20:.1f} MiB")
+    p.set_defaults(func=run)
+
+
 COMMANDS = [_add_info, _add_prepare, _add_train, _add_plot, _add_generate, _add_demo, _add_serve, _add_chat,
-            _add_sft, _add_distill, _add_grpo, _add_eval]
+            _add_sft, _add_distill, _add_grpo, _add_eval, _add_convert]
 
 
 def build_parser() -> argparse.ArgumentParser:
