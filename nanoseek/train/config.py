@@ -117,6 +117,18 @@ class Logging:
 
 
 @dataclass
+class Dist:
+    ep_size: int = knob(0, "under torchrun: ranks per expert-parallel group, which split the routed experts between "
+                           "them (must divide the world size and model.n_routed_experts); 0: all ranks. The other "
+                           "parameters are sharded over all ranks by FSDP2; data.batch_size is the global "
+                           "micro-batch, split evenly over the ranks")
+    overlap: bool = knob(False, "split each MoE layer's tokens in two so that one half's all-to-all overlaps the "
+                                "other's expert GEMMs (V3's prefill trick)")
+    reshard_after_forward: bool = knob(True, "FSDP2: free each block's gathered parameters after its forward "
+                                             "(less memory; gathered again for the backward)")
+
+
+@dataclass
 class TrainConfig:
     run: Run = field(default_factory=Run)
     model: Model = field(default_factory=Model)
@@ -129,6 +141,7 @@ class TrainConfig:
     checkpoint: Checkpoint = field(default_factory=Checkpoint)
     ema: EMA = field(default_factory=EMA)
     logging: Logging = field(default_factory=Logging)
+    dist: Dist = field(default_factory=Dist)
 
     def validate(self) -> None:
         def need(ok: bool, name: str, why: str):
@@ -171,6 +184,7 @@ class TrainConfig:
         need(0 < self.ema.decay < 1, "ema.decay", "must be in (0, 1)")
         need(self.ema.every >= 1, "ema.every", "must be >= 1")
         need(self.logging.print_every >= 1, "logging.print_every", "must be >= 1")
+        need(self.dist.ep_size >= 0, "dist.ep_size", "must be >= 0")
 
     def model_config(self, vocab_size: int, bos_token_id: int | None, eos_token_id: int | None) -> ModelConfig:
         """The ModelConfig of this run; vocab_size and the special ids come from the tokenizer unless overridden."""

@@ -11,6 +11,8 @@ Everything a step depends on (weights, optimizer, biases, schedules via the step
 RNG) is in the checkpoint, so a resumed run retraces an uninterrupted one exactly (bit for bit on CPU).
 Sequences are packed across documents without cross-document attention masking, as in V3 (§4.1).
 SIGINT / SIGTERM finish the current step, save a checkpoint and return.
+Under torchrun, dist/train.py's DistTrainer runs this same step over many ranks (FSDP2 + expert parallelism)
+by overriding the hooks marked below.
 """
 import contextlib
 import json
@@ -43,6 +45,8 @@ def pick_device(name: str) -> torch.device:
 
 
 class Trainer:
+    is_main = True   # the rank that writes metrics, checkpoints and exports (dist/train.py: rank 0 of many)
+
     def __init__(self, cfg: TrainConfig, resume: str | None = None, log=print):
         self.cfg, self.log = cfg, log
         self.out_dir = cfg.run.out_dir
@@ -61,7 +65,7 @@ class Trainer:
         self.step, self.tokens, self.val_loss = 0, 0, None
         meta, state, ema_state = {}, None, None
         if ckpt:
-            self.model, meta, state, ema_state = checkpoint.load(ckpt, self.device)
+            self.model, meta, state, ema_state = self._load(ckpt)
             _check_same_model(self.model.cfg, model_cfg, ckpt)
             self.step, self.tokens, self.val_loss = meta["step"], meta["tokens"], meta.get("val_loss")
             log(f"resumed from {ckpt} at step {self.step}")
@@ -71,6 +75,7 @@ class Trainer:
                                  f"choose another run.out_dir")
             torch.manual_seed(cfg.run.seed)
             self.model = DeepSeekV3(model_cfg).to(self.device)  # initialized on CPU: same init on any device
+        self.model = self._parallelize(self.model)
         self.model.train()
         self.gates = self.model.moe_gates()
         if cfg.run.precision == "fp8":
@@ -80,26 +85,52 @@ class Trainer:
                 block.compile()  # in place: state_dict keys stay those of the plain model
 
         o = cfg.optim
-        self.optimizer = AdamW(param_groups(self.model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2),
+        self.optimizer = AdamW(self._param_groups(o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2),
                                eps=o.eps, moment_dtype=torch.bfloat16 if o.bf16_moments else torch.float32)
         self.ema = EMA(self.model, cfg.ema.decay) if cfg.ema.enabled else None
         if state is not None:
-            self.optimizer.load_state_dict(state["optimizer"])
+            self._load_optimizer(state)
             torch.set_rng_state(state["rng_cpu"])
             if self.device.type == "cuda" and len(state.get("rng_cuda", [])) == torch.cuda.device_count():
                 torch.cuda.set_rng_state_all(state["rng_cuda"])
             if self.ema is not None and ema_state is not None:
                 self.ema.load_state_dict(ema_state, meta.get("ema_updates", 0))
-            for path in checkpoint.discard_after(self.out_dir, self.step):
+            for path in checkpoint.discard_after(self.out_dir, self.step) if self.is_main else []:
                 log(f"discarded {path}: it is later than the checkpoint this run resumes from")
         self.metrics_path = os.path.join(self.out_dir, "metrics.jsonl")
-        if ckpt:
+        if ckpt and self.is_main:
             truncate_after(self.metrics_path, self.step)
-        else:  # a fresh run starts a fresh history, headed by the names of the expert-load rows
+        elif self.is_main:  # a fresh run starts a fresh history, headed by the names of the expert-load rows
             os.makedirs(self.out_dir, exist_ok=True)
             with open(self.metrics_path, "w") as f:
                 f.write(json.dumps({"split": "meta", "step": 0, "routers": _router_names(model_cfg)}) + "\n")
         self._stop = False
+
+    # ---- what distributed training (dist/train.py) replaces -----------------------------------------------------
+    def _load(self, ckpt: str):
+        return checkpoint.load(ckpt, self.device)
+
+    def _parallelize(self, model):
+        return model
+
+    def _param_groups(self, weight_decay: float) -> list[dict]:
+        return param_groups(self.model, weight_decay)
+
+    def _load_optimizer(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+
+    def _clip_grads(self) -> torch.Tensor:
+        return torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip or float("inf"))
+
+    def _sum_over_ranks(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def _mean_over_ranks(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def _metrics(self, total: int) -> Metrics:
+        log = self.cfg.logging
+        return Metrics(self.metrics_path, total, self.step, log.progress, log.print_every)
 
     # ---- one step ----------------------------------------------------------------------------------------------
     def _micro_batch(self, index: int):
@@ -129,25 +160,29 @@ class Trainer:
                     sums[name] = sums.get(name, 0) + value.detach().float() / accum
             if out.expert_load is not None:
                 load = out.expert_load if load is None else load + out.expert_load
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip or float("inf"))
+        grad_norm = self._clip_grads()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if load is not None:
+            load = self._sum_over_ranks(load)   # every rank applies the same bias update
         if load is not None and gamma > 0:
             update_bias(self.gates, load, gamma)
         self.step += 1
-        self.tokens += accum * x.numel()
+        tokens = accum * cfg.data.batch_size * cfg.data.seq_len   # over all ranks
+        self.tokens += tokens
         if self.ema is not None and self.step % cfg.ema.every == 0:
             self.ema.update(self.model)
 
         names = list(sums)
-        values = torch.stack([sums[n] for n in names] + [grad_norm.float()]).tolist()  # one device sync
+        values = self._mean_over_ranks(torch.stack([sums[n] for n in names] + [grad_norm.float()]))
+        values = values.tolist()  # one device sync
         rec = {"split": "train", "step": self.step, "tokens": self.tokens,
                **{("loss" if n == "total" else n): v for n, v in zip(names, values)},
                "lr": lr, "mtp_lambda": lam, "gamma": gamma, "grad_norm": values[-1]}
         if load is not None:
             rec["load_ratio"] = [round(r, 4) for r in load_ratio(load).tolist()]
         dt = time.perf_counter() - t0
-        rec["tok_per_s"] = accum * x.numel() / dt
+        rec["tok_per_s"] = tokens / dt
         rec["time"] = dt
         return rec
 
@@ -198,7 +233,7 @@ class Trainer:
                      f" ({cfg.run.precision if self.device.type == 'cuda' or cfg.run.precision == 'fp8' else 'fp32'})"
                      f": {total} steps × {per_step} tokens, "
                      f"output in {self.out_dir}")
-        metrics = Metrics(self.metrics_path, total, self.step, cfg.logging.progress, cfg.logging.print_every)
+        metrics = self._metrics(total)
         saved_at = self.step
         interrupted = False
         start = time.time()
@@ -254,6 +289,10 @@ def train(config: str | None, resume: str | bool | None = None, overrides: list[
         cfg = load(config, overrides)
     if resume is True:
         resume = cfg.run.out_dir
+    from ..dist.parallel import launched
+    if launched():  # under torchrun: FSDP2 + expert parallelism
+        from ..dist.train import run
+        return run(cfg, resume)
     return Trainer(cfg, resume).fit()
 
 

@@ -1,0 +1,164 @@
+"""Expert parallelism (V3 §3.2.2): the routed experts of a MoE layer are split over the ranks of an EP group,
+n_routed_experts / ep_size consecutive experts per rank; attention, the gate and the shared experts stay local.
+
+One MoE layer on rank r with its N tokens (top-K routing, so N·K (token, slot) rows):
+    1. gate locally (same math as one device: the gate weights and bias are replicated);
+    2. sort the rows by global expert id: rows for rank q's experts are then contiguous (experts are placed
+       in blocks), so one all-to-all sends each block to its owner. Row counts per expert go first
+       (all_to_all_single of E integers), which gives every rank its receive sizes;
+    3. dispatch: all_to_all_single of the rows; received rows are grouped (source rank, local expert) and are
+       regrouped (local expert, source rank) for the grouped GEMM (`Experts.forward_sorted`);
+    4. combine: the reverse regrouping and all-to-all bring every row back to its token's rank, where rows are
+       un-sorted and summed with the gate weights: h_t = Σ_k g_{k,t} FFN_{i_k}(u_t).
+No capacity factor, no dropped tokens: the splits are whatever the gate chose.
+
+Autograd: the dispatch's gradient is the combine of the gradients (the same all-to-all with send and receive
+sizes swapped) and vice versa, so one autograd.Function covers both; the expert weights' gradient lands on their
+owner rank, summed over every token that any rank routed to them.
+
+Overlap (`overlap=True`, the prefill trick of V3 §3.4): the tokens are split into two micro-batches; the
+dispatch of micro-batch 1 runs (async collective) while the experts compute micro-batch 0, and the combine of
+micro-batch 0 runs while the experts compute micro-batch 1. Same rows, same weights: the result is the same.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from ..model.moe import Experts, MoE, permute_rows
+
+
+class _AllToAll(torch.autograd.Function):
+    """out = all_to_all_single(x) with row splits; backward: the reverse all-to-all of the gradient.
+    With `handle` (a dict), the forward is only launched (async_op) and handle['work'] must be waited on."""
+
+    @staticmethod
+    def forward(ctx, x, out_splits, in_splits, group, handle):
+        ctx.splits, ctx.group = (out_splits, in_splits), group
+        x = x.contiguous()
+        out = x.new_empty(sum(out_splits), *x.shape[1:])
+        work = dist.all_to_all_single(out, x, out_splits, in_splits, group=group, async_op=handle is not None)
+        if handle is not None:
+            handle["work"] = work
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        out_splits, in_splits = ctx.splits
+        grad = grad.contiguous()
+        dx = grad.new_empty(sum(in_splits), *grad.shape[1:])
+        dist.all_to_all_single(dx, grad, in_splits, out_splits, group=ctx.group)
+        return dx, None, None, None, None
+
+
+class _Wait(torch.autograd.Function):
+    """Identity that first waits for the async collective that fills x (gradient passes through)."""
+
+    @staticmethod
+    def forward(ctx, x, handle):
+        handle.pop("work").wait()
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group=None) -> torch.Tensor:
+    """Autograd-aware all_to_all_single over dim 0: in_splits[q] rows of x go to rank q, out_splits[q] come back."""
+    return _AllToAll.apply(x, out_splits, in_splits, group, None)
+
+
+class _Plan:
+    """The routing of one micro-batch: sort order, split sizes, regrouping of the received rows."""
+
+    def __init__(self, indices: torch.Tensor, n_experts: int, ep: int, group):
+        n_local = n_experts // ep
+        flat = indices.flatten()
+        self.order = flat.argsort(stable=True)                   # rows grouped by global expert (= by owner)
+        self.inverse = torch.empty_like(self.order).scatter_(
+            0, self.order, torch.arange(flat.numel(), device=flat.device))
+        send = torch.bincount(flat, minlength=n_experts)         # rows for each global expert
+        recv = torch.empty_like(send)
+        dist.all_to_all_single(recv, send, group=group)          # recv[q·n_local + e]: rows from rank q for my e
+        send, recv = send.view(ep, n_local), recv.view(ep, n_local)
+        self.in_splits, self.out_splits = send.sum(1).tolist(), recv.sum(1).tolist()
+        self.counts = recv.sum(0)                                # rows per local expert
+        # received rows come as segments (source q, local expert e), q-major; the GEMM wants e-major
+        seg = torch.repeat_interleave(torch.arange(ep * n_local, device=flat.device), recv.flatten())
+        key = (seg % n_local) * ep + seg // n_local
+        self.regroup = key.argsort(stable=True)
+        self.ungroup = torch.empty_like(self.regroup).scatter_(
+            0, self.regroup, torch.arange(seg.numel(), device=flat.device))
+
+
+class EPExperts(Experts):
+    """This rank's slice of the routed experts; forward(x, weights, indices) as Experts.forward, indices global."""
+
+    def __init__(self, n_experts: int, dim: int, inter_dim: int, group=None, overlap: bool = False):
+        ep, rank = dist.get_world_size(group), dist.get_rank(group)
+        if n_experts % ep:
+            raise ValueError(f"{n_experts} routed experts do not split over an expert-parallel group of {ep}")
+        n_local = n_experts // ep
+        super().__init__(n_local, dim, inter_dim, expert_offset=rank * n_local)
+        self.n_total, self.ep, self.group, self.overlap = n_experts, ep, group, overlap
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        N, K = indices.shape
+        rows = x[:, None].expand(N, K, x.shape[-1]).reshape(N * K, -1)
+        if self.overlap:   # on every rank alike (the collectives must pair up), even with < 2 tokens here
+            half = (N // 2) * K
+            y = torch.cat(self._pipelined([rows[:half], rows[half:]], [indices[: N // 2], indices[N // 2:]]))
+        else:
+            plan = _Plan(indices, self.n_total, self.ep, self.group)
+            y = self._combine(self._compute(self._dispatch(rows, plan), plan), plan)
+        return (y.view(N, K, -1) * weights[..., None].to(y.dtype)).sum(dim=1)
+
+    # the three stages of one micro-batch (with handle: launched async, finished by _wait)
+    def _dispatch(self, rows, plan, handle=None):
+        sent = permute_rows(rows, plan.order, plan.inverse)
+        return _AllToAll.apply(sent, plan.out_splits, plan.in_splits, self.group, handle)
+
+    def _compute(self, received, plan):
+        local = permute_rows(received, plan.regroup, plan.ungroup)
+        return permute_rows(self.forward_sorted(local, plan.counts), plan.ungroup, plan.regroup)
+
+    def _combine(self, y, plan, handle=None):
+        back = _AllToAll.apply(y, plan.in_splits, plan.out_splits, self.group, handle)
+        return back if handle is not None else permute_rows(back, plan.inverse, plan.order)
+
+    def _pipelined(self, rows: list, indices: list) -> list:
+        """Two micro-batches: dispatch(1) ‖ compute(0), combine(0) ‖ compute(1). Every rank issues the
+        collectives in the same order: counts 0, counts 1, dispatch 0, dispatch 1, combine 0, combine 1."""
+        plans = [_Plan(i, self.n_total, self.ep, self.group) for i in indices]
+        h = [{}, {}, {}, {}]
+        sent = [self._dispatch(r, p, hd) for r, p, hd in zip(rows, plans, h[:2])]
+        y0 = self._compute(_Wait.apply(sent[0], h[0]), plans[0])
+        back0 = self._combine(y0, plans[0], h[2])                 # in flight while micro-batch 1 computes
+        y1 = self._compute(_Wait.apply(sent[1], h[1]), plans[1])
+        back1 = self._combine(y1, plans[1], h[3])
+        out = []
+        for back, p, hd in zip((back0, back1), plans, h[2:]):
+            out.append(permute_rows(_Wait.apply(back, hd), p.inverse, p.order))
+        return out
+
+
+@torch.no_grad()
+def shard_experts(moe: MoE, group=None, overlap: bool = False) -> EPExperts:
+    """Replace moe.experts (all experts, e.g. the same seeded init on every rank) by this rank's slice. The
+    state_dict key stays `experts.gate_up_proj` / `experts.down_proj`, with n_local rows."""
+    full = moe.experts
+    E, two_i, H = full.gate_up_proj.shape
+    ep = EPExperts(E, H, two_i // 2, group, overlap).to(full.gate_up_proj.device)
+    sl = slice(ep.expert_offset, ep.expert_offset + ep.n_experts)
+    ep.gate_up_proj.copy_(full.gate_up_proj[sl])
+    ep.down_proj.copy_(full.down_proj[sl])
+    ep.gate_up_proj.requires_grad_(full.gate_up_proj.requires_grad)
+    ep.down_proj.requires_grad_(full.down_proj.requires_grad)
+    moe.experts = ep
+    return ep
+
+
+def apply_ep(model, group=None, overlap: bool = False) -> list[EPExperts]:
+    """Expert parallelism for every MoE layer of a DeepSeekV3 (main blocks and MTP blocks)."""
+    return [shard_experts(m, group, overlap) for m in model.modules() if isinstance(m, MoE)]
