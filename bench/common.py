@@ -3,6 +3,7 @@ import json
 import os
 import statistics
 import sys
+import time
 
 import torch
 
@@ -21,6 +22,15 @@ def cuda_time_ms(fn, warmup: int = 3, iters: int = 10) -> list[float]:
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
     return times
+
+
+def timed(fn):
+    """(fn(), wall seconds) with the GPU synchronized on both sides: for end-to-end timings such as generation."""
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    out = fn()
+    torch.cuda.synchronize()
+    return out, time.perf_counter() - t
 
 
 def median(xs):

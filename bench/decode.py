@@ -21,12 +21,11 @@ import gc
 import os
 import sys
 import tempfile
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import copy_tb_s, env, write_json  # noqa: E402
+from bench.common import copy_tb_s, env, timed, write_json  # noqa: E402
 from nanoseek.config import preset  # noqa: E402
 from nanoseek.infer.cache import LatentCache  # noqa: E402
 from nanoseek.infer.engine import Engine  # noqa: E402
@@ -42,14 +41,6 @@ class NoText:
 
     def decode(self, ids):
         return ""
-
-
-def timed(fn):
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    out = fn()
-    torch.cuda.synchronize()
-    return out, time.perf_counter() - t
 
 
 def run_nanoseek(engine, prompts, new):

@@ -18,12 +18,11 @@ import os
 import shutil
 import sys
 import tempfile
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import env, write_json  # noqa: E402
+from bench.common import env, timed, write_json  # noqa: E402
 from nanoseek.eval.gen import prompts_of  # noqa: E402
 from nanoseek.infer.generate import generate_ids  # noqa: E402
 from nanoseek.infer.load import load  # noqa: E402
@@ -32,14 +31,6 @@ from nanoseek.post.grpo import GRPO, GRPOConfig  # noqa: E402
 from nanoseek.post.rollout import Timing, make_engine, sample  # noqa: E402
 from nanoseek.post.tasks import get_task  # noqa: E402
 from nanoseek.train.checkpoint import model_dir  # noqa: E402
-
-
-def timed(fn):
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    out = fn()
-    torch.cuda.synchronize()
-    return out, time.perf_counter() - t
 
 
 def main():
