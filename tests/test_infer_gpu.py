@@ -60,3 +60,28 @@ def test_compiled_decode_matches_eager(tok):
     _, eager = _run(model, tok, prompts, params, cuda_graphs=False)
     _, compiled = _run(model, tok, prompts, params, cuda_graphs=False, compile=True)
     assert compiled == eager
+
+
+def test_fp32_policy_decodes_under_autocast_through_graphs(tok):
+    """A training policy (fp32 master weights) samples under bf16 autocast: graphs capture (no fallback to eager),
+    agree with eager autocast decoding, and see an in-place weight update on their next replay."""
+    from nanoseek.post.rollout import make_engine
+    model = random_model(preset("tiny")).to("cuda")
+    prompts = _prompts((5, 17, 33, 9))
+    params = [SamplingParams(max_tokens=16, ignore_eos=True) for _ in prompts]
+
+    def tokens(engine):
+        reqs = [engine.submit(p, q) for p, q in zip(prompts, params)]
+        engine.run_until_done(max_steps=1000)
+        return [r.tokens for r in reqs]
+
+    graphed = make_engine(model, tok, max_batch=4, max_len=256)
+    before = tokens(graphed)
+    assert graphed.graphs.enabled and graphed.graphs.graphs and graphed.cache.c_kv.dtype == torch.bfloat16
+    eager = Engine(model, tok, max_batch=4, max_len=256, cuda_graphs=False, autocast=torch.bfloat16)
+    assert _agreement(before, tokens(eager)) > 0.9
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * p.std().nan_to_num(0) * 0.5)
+    after = tokens(graphed)
+    assert _agreement(after, tokens(eager)) > 0.9 and _agreement(after, before) < 0.9

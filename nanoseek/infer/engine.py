@@ -85,12 +85,17 @@ def _buckets(n: int) -> list[int]:
 class Engine:
     def __init__(self, model, tokenizer, max_batch: int = 16, max_len: int = 2048, max_waiting: int = 256,
                  prefill_tokens: int = 8192, speculative: bool = False, cuda_graphs: bool = True,
-                 compile: bool = False):
+                 compile: bool = False, autocast: torch.dtype | None = None):
+        """autocast: run the forwards under CUDA autocast to this dtype (a training policy's fp32 master weights
+        decoded in bf16, as the trainer computes them). The weight casts are part of every step, not cached,
+        so captured graphs read the weights as they are after each optimizer step."""
         if speculative and not len(model.mtp):
             raise ValueError("speculative decoding needs an MTP module (num_nextn_predict_layers >= 1)")
         self.model, self.tokenizer = model.eval(), tokenizer
         p = next(model.parameters())
-        self.device, self.dtype = p.device, p.dtype
+        self.device = p.device
+        self.autocast = autocast if self.device.type == "cuda" else None
+        self.dtype = self.autocast or p.dtype
         self.max_batch, self.max_len, self.max_waiting = max_batch, max_len, max_waiting
         self.prefill_tokens = prefill_tokens
         self.speculative = speculative
@@ -180,6 +185,12 @@ class Engine:
 
     @torch.no_grad()
     def step(self):
+        if self.autocast is None:
+            return self._step()
+        with torch.autocast("cuda", dtype=self.autocast, cache_enabled=False):
+            return self._step()
+
+    def _step(self):
         for r in [r for r in self.slots if r is not None and r.cancelled]:
             self._finish(r, "cancelled")
         self._admit()
