@@ -1,5 +1,6 @@
 """FP8 training recipe on CPU: the quantization against float64, the FP8 GEMMs against their emulation formula
-and against full precision, and a tiny model converted to FP8 (same state_dict, close loss, trains, saves).
+and against full precision, how a GEMM's path is chosen on the GPU (fp8/paths.py), and a tiny model converted to
+FP8 (same state_dict, close loss, trains, saves). The Triton kernels themselves: tests/test_fp8_triton.py.
 
 Error bounds used below, for E4M3 with round-to-nearest (3 mantissa bits):
   * one quantized value v = x / s: |Q(v) − v| ≤ 2^-4·|v| for normals, ≤ 2^-10 for subnormals (|v| < 2^-6), so
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import preset
-from nanoseek.fp8 import FP8_LINEARS, FP8Experts, FP8Linear, convert_to_fp8, fp8_matmul
+from nanoseek.fp8 import FP8_LINEARS, FP8Experts, FP8Linear, convert_to_fp8, fp8_matmul, paths
 from nanoseek.fp8.linear import backend_for
 from nanoseek.fp8.quant import act_dequant, act_quant, act_quant_t, weight_dequant, weight_quant
 from nanoseek.io import load_hf, save_hf
@@ -133,6 +134,50 @@ def test_backend_choice():
     assert backend_for(torch.device("cpu"), None).name == "emulated"
     with pytest.raises(ValueError, match="CUDA"):
         backend_for(torch.device("cpu"), False)
+
+
+# ---- choosing a GEMM path (fp8/paths.py) --------------------------------------------------------------------
+def test_gemm_path_checked_once_even_when_inputs_hold_nan():
+    """The emulation runs once per shape and path: a NaN in the inputs used to defer the check to the next call,
+    so a NaN that stayed (training gone NaN) ran the emulation on every call."""
+    want = torch.tensor([[1.0, float("nan")], [3.0, 4.0]])
+    calls = []
+
+    def emulated():
+        calls.append(1)
+        return want.clone()
+
+    key = ("test nan", 1)
+    for _ in range(3):
+        out = paths.first_that_runs(key, [("fast", lambda: want + 1e-4), ("emulated", emulated)])
+    assert len(calls) == 1 and paths.used[key] == "fast" and torch.equal(out.isnan(), want.isnan())
+
+
+@pytest.mark.parametrize("wrong", ["misread", "inf"])
+def test_gemm_path_falls_back_on_wrong_or_non_finite_result(wrong):
+    want = torch.randn(4, 4)
+    got = want.flip(0) if wrong == "misread" else want.masked_fill(want > 0, float("inf"))
+    calls, key = [], ("test fallback", wrong)
+
+    def fast():
+        calls.append(1)
+        return got
+
+    with pytest.warns(UserWarning, match="relative error"):
+        assert torch.equal(paths.first_that_runs(key, [("fast", fast), ("emulated", lambda: want)]), want)
+    paths.first_that_runs(key, [("fast", fast), ("emulated", lambda: want)])
+    assert len(calls) == 1 and paths.used[key] == "emulated"   # dropped for this shape after one try
+
+
+@pytest.mark.parametrize("nt,kt,reads", [
+    # torch._scaled_mm rejected these block-scale layouts on an H200 (torch 2.11): the dgrad and fprop shapes of
+    # bench/fp8.py whose inner dim has K/128 % 4 != 0 blocks and more than one 128-row block
+    (4, 2, False), (2, 6, False), (4, 11, False), (8, 3, False), (8, 22, False), (32, 11, False), (32, 5, False),
+    # and read these right: K/128 a multiple of 4, or a single row of blocks whatever K
+    (88, 32, True), (4, 8, True), (1, 2, True), (1, 11, True)])
+def test_scaled_mm_only_for_block_scales_it_reads_right(nt, kt, reads):
+    assert paths.scaled_mm_reads(torch.empty(nt, kt)) is reads
+    assert paths.scaled_mm_reads(torch.empty(3, nt, kt)) is reads   # the experts' stacked scales
 
 
 # ---- experts ------------------------------------------------------------------------------------------------

@@ -2,68 +2,26 @@
 linear layers, Triton grouped GEMMs for the experts. Same interface and numbers as fp8/emulate.py (up to the
 GEMMs' summation order and the rounding of their outputs).
 
-Each GEMM tries its paths in order and falls back, with a one-time warning naming the error, when one rejects
-the shapes or layouts or its first result disagrees with the emulation (checked per shape, so one odd layer
-does not slow the others):
+Each GEMM tries its paths in order (fp8/paths.py: a path that raises, or whose first result per shape disagrees
+with the emulation, falls back for that shape with a one-time warning):
     plain linear:  torch._scaled_mm (cuBLAS, 1×128 · 128×128 and 1×128 · 1×128 scales) → Triton → emulation
     experts:       Triton grouped GEMM → a loop of torch._scaled_mm over experts → emulation
 `torch._scaled_grouped_mm` is not used: on sm90 it takes tensor-wise or row-wise scales only, not V3's blocks.
 
-`_scaled_mm` layouts (torch 2.11, sm90): A (M, K) row-major with scale (M, K/128) column-major; B passed as
-Bᵀ of a row-major (N, K) fp8 matrix, its scale as the transpose of a row-major (N/128, K/128) tensor for 128×128
-blocks, or of a row-major (K/128, N) tensor for 1×128 tiles, each with its leading dimension padded to a multiple
-of 4 floats (kernels/fp8_quant.py `_scales`). K must be a multiple of 128: the quantization kernels write
-zero-padded operands (zeros add nothing to a dot product), and outputs are sliced back.
+`_scaled_mm` layouts (torch 2.11, sm90): A (M, K) row-major with scale (M, K/128) column-major, strides exactly
+(1, M); B passed as Bᵀ of a row-major (N, K) fp8 matrix, with scale (K/128, N/128) the transpose of a contiguous
+(N/128, K/128) tensor for 128×128 blocks, or a contiguous (K/128, N) tensor for 1×128 tiles. 128×128 scales are
+read right only when K/128 is a multiple of 4 or N ≤ 128 (`paths.scaled_mm_reads`): other shapes skip cuBLAS.
+K must be a multiple of 128: the quantization kernels write zero-padded operands (zeros add nothing to a dot
+product), and outputs are sliced back.
 """
 from __future__ import annotations
-
-import warnings
 
 import torch
 
 from ..kernels import fp8_gemm, fp8_quant
 from ..kernels.fp8_quant import BLOCK, Blocks, Rows, Tokens
-
-_failed: set[tuple] = set()
-_verified: set[tuple] = set()
-used: dict[tuple, str] = {}   # (GEMM, shape) -> the path that ran last: what a benchmark reports
-# a fast path's first result per shape must match the emulation this closely (relative Frobenius norm): bf16
-# output rounding and summation order give ~4e-3; a misread scale layout gives O(1) or worse
-VERIFY_TOL = 2e-2
-
-
-def _reject(key: tuple, name: str, why: str) -> None:
-    _failed.add((key, name))
-    warnings.warn(f"FP8 {key[0]} {key[1:]}: {name} failed, falling back for this shape ({why})", stacklevel=4)
-
-
-def _first_that_runs(key: tuple, paths):
-    """Run the first of (name, fn) that works for this key; the last one (the emulation) must not fail.
-    A path's first result for a shape is checked against the emulation, so a layout that a library accepts but
-    reads differently (as cuBLAS did with unpadded scale strides) falls back instead of training on garbage."""
-    *tries, (last_name, last) = paths
-    for name, fn in tries:
-        if (key, name) in _failed:
-            continue
-        try:
-            out = fn()
-        except torch.OutOfMemoryError:
-            raise
-        except Exception as e:  # a rejected layout (RuntimeError), a Triton compile error, ...: fall back
-            _reject(key, name, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-            continue
-        if (key, name) not in _verified:
-            want = last().float()
-            if torch.isfinite(want).all():   # non-finite inputs prove nothing either way: check the next call
-                err = ((out.float() - want).norm() / want.norm().clamp_min(1e-30)).item()
-                if not err <= VERIFY_TOL:
-                    _reject(key, name, f"relative error {err:.2e} against the emulation")
-                    continue
-                _verified.add((key, name))
-        used[key] = name
-        return out
-    used[key] = last_name
-    return last()
+from .paths import first_that_runs, scaled_mm_reads
 
 
 class HopperFP8:
@@ -87,39 +45,43 @@ class HopperFP8:
         """dyᵀ x per group, inner dim = that group's tokens."""
         key = ("wgrad", dy_t.cols, x_t.cols, dy_t.counts.numel(), out_dtype)
         if counts is None:
-            return _first_that_runs(key, [("scaled_mm", lambda: _scaled_mm_tokens(dy_t, x_t, out_dtype)),
-                                          ("triton", lambda: fp8_gemm.gemm_tokens(dy_t, x_t, out_dtype)[0]),
-                                          ("emulated", lambda: _emulated_tokens(dy_t, x_t, out_dtype)[0])])
-        return _first_that_runs(key, [("triton", lambda: fp8_gemm.gemm_tokens(dy_t, x_t, out_dtype)),
-                                      ("scaled_mm loop", lambda: _scaled_mm_tokens_loop(dy_t, x_t, out_dtype)),
-                                      ("emulated", lambda: _emulated_tokens(dy_t, x_t, out_dtype))])
+            return first_that_runs(key, [("scaled_mm", lambda: _scaled_mm_tokens(dy_t, x_t, out_dtype)),
+                                         ("triton", lambda: fp8_gemm.gemm_tokens(dy_t, x_t, out_dtype)[0]),
+                                         ("emulated", lambda: _emulated_tokens(dy_t, x_t, out_dtype)[0])])
+        return first_that_runs(key, [("triton", lambda: fp8_gemm.gemm_tokens(dy_t, x_t, out_dtype)),
+                                     ("scaled_mm loop", lambda: _scaled_mm_tokens_loop(dy_t, x_t, out_dtype)),
+                                     ("emulated", lambda: _emulated_tokens(dy_t, x_t, out_dtype))])
 
     @staticmethod
     def _rows_gemm(op, a: Rows, b, b_scale, n, counts, out_dtype):
         key = (op, n, a.cols, 1 if counts is None else counts.numel(), out_dtype)
+        cublas = scaled_mm_reads(b_scale)
         if counts is None:
-            ones = torch.full((1,), a.q.shape[0], dtype=torch.int32, device=a.q.device)
-            return _first_that_runs(key, [
-                ("scaled_mm", lambda: _scaled_mm_rows(a, b, b_scale, n, out_dtype)),
-                ("triton", lambda: fp8_gemm.gemm_rows(a, b[None], b_scale[None], BLOCK, ones, n, out_dtype)),
-                ("emulated", lambda: _emulated_rows(a, b[None], b_scale[None], ones, n, out_dtype))])
+            return first_that_runs(key, [
+                *([("scaled_mm", lambda: _scaled_mm_rows(a, b, b_scale, n, out_dtype))] if cublas else []),
+                ("triton", lambda: fp8_gemm.gemm_rows(a, b[None], b_scale[None], BLOCK, _one_group(a), n,
+                                                      out_dtype)),
+                ("emulated", lambda: _emulated_rows(a, b[None], b_scale[None], _one_group(a), n, out_dtype))])
         counts = counts.to(torch.int32)
-        return _first_that_runs(key, [
+        return first_that_runs(key, [
             ("triton", lambda: fp8_gemm.gemm_rows(a, b, b_scale, BLOCK, counts, n, out_dtype)),
-            ("scaled_mm loop", lambda: _scaled_mm_rows_loop(a, b, b_scale, counts, n, out_dtype)),
+            *([("scaled_mm loop", lambda: _scaled_mm_rows_loop(a, b, b_scale, counts, n, out_dtype))]
+              if cublas else []),
             ("emulated", lambda: _emulated_rows(a, b, b_scale, counts, n, out_dtype))])
+
+
+def _one_group(a: Rows) -> torch.Tensor:
+    """counts of a plain layer for the grouped kernels: all rows in one group."""
+    return torch.full((1,), a.q.shape[0], dtype=torch.int32, device=a.q.device)
 
 
 # ---- cuBLAS: torch._scaled_mm with DeepSeek-style block scales -------------------------------------------------
 def _col_major(s: torch.Tensor) -> torch.Tensor:
-    """(M, Kt) with strides (1, M rounded up to 4) from a 16-byte aligned start, as cuBLAS reads 1×128 scales
-    (a row slice of one is not)."""
-    lead = -(-s.shape[0] // 4) * 4
-    if s.stride(0) == 1 and (s.shape[1] == 1 or s.stride(1) == lead) and s.data_ptr() % 16 == 0:
+    """(M, Kt) with strides (1, M) from a 16-byte aligned start, as `_scaled_mm` takes 1×128 scales (a row slice
+    of act_quant's is not)."""
+    if s.stride(0) == 1 and (s.shape[1] == 1 or s.stride(1) == s.shape[0]) and s.data_ptr() % 16 == 0:
         return s
-    out = torch.empty(s.shape[1], lead, dtype=s.dtype, device=s.device)[:, : s.shape[0]]
-    out.copy_(s.t())
-    return out.t()
+    return s.t().contiguous().t()
 
 
 def _scaled_mm_rows(a: Rows, b: torch.Tensor, b_scale: torch.Tensor, n: int, out_dtype) -> torch.Tensor:
@@ -129,8 +91,8 @@ def _scaled_mm_rows(a: Rows, b: torch.Tensor, b_scale: torch.Tensor, n: int, out
 
 
 def _scaled_mm_tokens(a: Tokens, b: Tokens, out_dtype) -> torch.Tensor:
-    """One group: a (Np, Tp) · b (Kp, Tp)ᵀ, both 1×128 along tokens; scale_a given column-major (Np, T) and
-    scale_b as the transpose of the row-major (T, Kp) tensor."""
+    """One group: a (Np, Tp) · b (Kp, Tp)ᵀ, both 1×128 along tokens; scale_a column-major (Np, T), scale_b the
+    row-major (T, Kp) tensor itself."""
     out = torch._scaled_mm(a.q, b.q.t(), scale_a=a.scale_inv.t(), scale_b=b.scale_inv, out_dtype=out_dtype)
     return out[: a.cols, : b.cols]
 

@@ -3,7 +3,10 @@
 Same arithmetic as the reference, bit for bit: scale_inv = max(amax, 1e-12) / 448 and q = E4M3_rne(clamp(x /
 scale_inv, ±448)), with IEEE round-to-nearest division (`div_rn`: Triton's `/` is an approximate divide on CUDA).
 The outputs are laid out for the GEMMs (fp8/hopper.py): inner dims zero-padded to multiples of 128 and scales in
-the layouts `torch._scaled_mm` takes, so no copy is needed between quantization and GEMM.
+the layouts `torch._scaled_mm` takes, so no copy is needed between quantization and GEMM. Transposed copies are
+written by storing the fp8 tile at transposed addresses, not through `tl.trans` of the fp8 tile: on an H200 with
+Triton 3.6 that gave a wrong Wᵀ copy (rows of one repeated byte, tests/test_fp8_gpu.py), which Dgrad reads;
+mlc-ai/pith-train#74 reports the same miscompile on H100 with Triton 3.7 and fixes it the same way.
 
 * `act_quant`: one read of x (M, K) gives both operands the recipe needs from an activation:
     rows   1×128 tiles along K (Fprop's x, Dgrad's dy):  q (M, Kp), scale_inv (M, Kt) column-major;
@@ -41,9 +44,8 @@ class Tokens(NamedTuple):
 
 
 class Blocks(NamedTuple):
-    """128×128 blocks of (…, N, K): q (…, Np, Kp), qt = its transpose (…, Kp, Np), both contiguous; scale_inv
-    (…, Nt, Kt) and its transpose scale_inv_t (…, Kt, Nt), row-major with rows padded to 4 floats (`_scales`);
-    rows, cols = the real N, K."""
+    """128×128 blocks of (…, N, K): q (…, Np, Kp), qt = its transpose (…, Kp, Np), scale_inv (…, Nt, Kt) and
+    its transpose scale_inv_t (…, Kt, Nt), all contiguous; rows, cols = the real N, K."""
     q: torch.Tensor
     qt: torch.Tensor
     scale_inv: torch.Tensor
@@ -105,7 +107,7 @@ def _act_quant_kernel(x_ptr, stride_xm, stride_xk, K, counts_ptr, G,
         s = tl.math.div_rn(tl.maximum(tl.max(ax, axis=0), 1e-12), 448.0)
         q = tl.clamp(tl.math.div_rn(x, s[None, :]), -448.0, 448.0).to(tl.float8e4nv)
         tokens = pid_t.to(tl.int64) * 128 + r
-        tl.store(qt_ptr + cols[:, None].to(tl.int64) * stride_qtk + tokens[None, :], tl.trans(q))
+        tl.store(qt_ptr + cols[None, :].to(tl.int64) * stride_qtk + tokens[:, None], q)   # q[r, c] -> qt[c, r]
         tl.store(st_ptr + pid_t * stride_stt + cols, s)
 
 
@@ -123,17 +125,9 @@ def _weight_quant_kernel(w_ptr, stride_wg, stride_wn, stride_wk, N, K, Np, Kp, N
     s = tl.math.div_rn(tl.maximum(tl.max(tl.abs(w)), 1e-12), 448.0)
     q = tl.clamp(tl.math.div_rn(w, s), -448.0, 448.0).to(tl.float8e4nv)
     tl.store(q_ptr + g * Np * Kp + rows[:, None] * Kp + cols[None, :], q)
-    tl.store(qt_ptr + g * Kp * Np + cols[:, None] * Np + rows[None, :], tl.trans(q))
+    tl.store(qt_ptr + g * Kp * Np + cols[None, :] * Np + rows[:, None], q)   # q[n, k] -> qt[k, n]
     tl.store(s_ptr + g * stride_sg + pid_n * stride_sn + pid_k, s)
     tl.store(st_ptr + g * stride_stg + pid_k * stride_stk + pid_n, s)
-
-
-def _scales(rows: int, cols: int, device, groups: int | None = None) -> torch.Tensor:
-    """fp32 (groups, rows, cols) scales whose rows start 16-byte aligned: the row stride is cols rounded up to 4.
-    cuBLAS reads block-scale tensors with a leading dimension padded to a multiple of 4 floats; with an unpadded
-    stride (e.g. 11 K-blocks) `_scaled_mm` accepted the layout and read the wrong scales (H100, torch 2.11)."""
-    lead = (groups,) if groups is not None else ()
-    return torch.empty(*lead, rows, -(-cols // 4) * 4, dtype=torch.float32, device=device)[..., :cols]
 
 
 def block_g(groups: int) -> int:
@@ -151,7 +145,8 @@ def act_quant(x: torch.Tensor, counts: torch.Tensor | None = None, rows: bool = 
     T = token_tiles(M, G)
     dev, fp8 = x.device, torch.float8_e4m3fn
     q = torch.empty(M, Kp, dtype=fp8, device=dev) if rows else None
-    s = _scales(Kt, M, dev).t() if rows else None  # (M, Kt), column-major
+    # (M, Kt) column-major with stride exactly M: the only 1×128 layout torch._scaled_mm accepts
+    s = torch.empty(Kt, M, dtype=torch.float32, device=dev).t() if rows else None
     qt = torch.empty(Kp, T * BLOCK, dtype=fp8, device=dev) if tokens else None
     st = torch.empty(T, Kp, dtype=torch.float32, device=dev) if tokens else None
     if M:
@@ -172,8 +167,8 @@ def weight_quant(w: torch.Tensor) -> Blocks:
     dev, fp8 = w.device, torch.float8_e4m3fn
     q = torch.empty(G, Np, Kp, dtype=fp8, device=dev)
     qt = torch.empty(G, Kp, Np, dtype=fp8, device=dev)
-    s = _scales(Nt, Kt, dev, G)
-    st = _scales(Kt, Nt, dev, G)
+    s = torch.empty(G, Nt, Kt, dtype=torch.float32, device=dev)
+    st = torch.empty(G, Kt, Nt, dtype=torch.float32, device=dev)
     _weight_quant_kernel[(Nt, Kt, G)](w3, w3.stride(0), w3.stride(1), w3.stride(2), N, K, Np, Kp, Nt, Kt,
                                       q, qt, s, s.stride(0), s.stride(1), st, st.stride(0), st.stride(1),
                                       num_warps=8)

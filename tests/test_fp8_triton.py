@@ -1,0 +1,130 @@
+"""The Triton FP8 kernels on CPU, through Triton's interpreter: their tiling, padding and layouts against the
+PyTorch reference, and the GEMM paths chosen. Runs only when asked for (the CUDA check is tests/test_fp8_gpu.py):
+
+    TRITON_INTERPRET=1 python -m pytest tests/test_fp8_triton.py      (triton 3.6 with numpy 2.2; under numpy 2.4
+                                                                       the interpreter fails on loops over a kernel
+                                                                       argument)
+
+The interpreter's fp32 -> e4m3 conversion rounds wrongly when the rounding carries into the exponent (124.3 -> 64),
+so quantized values are compared bit for bit only for inputs that quantize without rounding; scales (exact
+division) and GEMMs (against the emulation on the same FP8 operands) are compared on random inputs. The interpreter
+cannot show GPU miscompiles, such as the wrong transposed copies `tl.trans` of an fp8 tile gave on an H200.
+"""
+import os
+import warnings
+
+import pytest
+import torch
+
+if os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("Triton interpreter tests: run with TRITON_INTERPRET=1", allow_module_level=True)
+pytest.importorskip("triton")
+
+from nanoseek.fp8 import hopper, paths  # noqa: E402
+from nanoseek.fp8.linear import FP8Matmul  # noqa: E402
+from nanoseek.fp8.quant import act_quant, act_quant_t, weight_quant  # noqa: E402
+from nanoseek.kernels import fp8_gemm, fp8_quant  # noqa: E402
+
+COUNTS = [130, 0, 1, 169]   # token tiles restart per group: 128 + 2 rows, none, a single row, 128 + 41 rows
+
+
+def _exact(rows: int, cols: int, single_rows=()) -> torch.Tensor:
+    """Values that quantize without rounding: random E4M3 normals with ±448 on a checkerboard, so that every tile of
+    two or more elements (1×128, 128×1 or 128×128) has amax 448, scale 1 and q = x; `single_rows` (one-row groups,
+    whose 128×1 tiles hold one element) are ±448 throughout."""
+    g = torch.Generator().manual_seed(0)
+    v = torch.randint(0, 256, (rows, cols), generator=g, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    v = torch.where(v.isfinite() & (v.abs() >= 2 ** -6) & (v.abs() < 448), v, 1.0)
+    big = torch.where(v < 0, -448.0, 448.0)
+    board = (torch.arange(rows)[:, None] + torch.arange(cols)) % 2 == 0
+    board[list(single_rows)] = True
+    return torch.where(board, big, v)
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.uint8)
+
+
+def test_act_quant_layouts_match_reference():
+    counts = torch.tensor(COUNTS)
+    x = _exact(300, 200, single_rows=[130])
+    rows, tokens = fp8_quant.act_quant(x, counts, rows=True, tokens=True)
+    q, _ = act_quant(x)
+    assert torch.equal(_bits(rows.q[:, :200]), _bits(q)) and (rows.q[:, 200:].float() == 0).all()
+    tile = 0
+    for (qg, _), c in zip(act_quant_t(x, COUNTS), COUNTS):
+        n = -(-c // 128)
+        assert torch.equal(_bits(tokens.q[:200, tile * 128: tile * 128 + c]), _bits(qg))
+        assert (tokens.q[:, tile * 128 + c: (tile + n) * 128].float() == 0).all()   # the group's last tile: padding
+        assert (tokens.q[200:, tile * 128: (tile + n) * 128].float() == 0).all()   # padded features
+        tile += n
+    # scales: exact division, so random inputs compare bit for bit
+    x = torch.randn(300, 200) * torch.logspace(-3, 2, 300)[:, None]
+    rows, tokens = fp8_quant.act_quant(x, counts, rows=True, tokens=True)
+    assert torch.equal(rows.scale_inv, act_quant(x)[1])
+    # column-major with a stride of exactly M (not rounded up to 4), the only 1×128 layout torch._scaled_mm takes
+    assert fp8_quant.act_quant(torch.randn(298, 200))[0].scale_inv.stride() == (1, 298)
+    tile = 0
+    for (_, sg), c in zip(act_quant_t(x, COUNTS), COUNTS):
+        n = -(-c // 128)
+        assert torch.equal(tokens.scale_inv[tile: tile + n, :200].t(), sg)
+        tile += n
+
+
+def test_weight_quant_layouts_match_reference():
+    w = _exact(3 * 300, 130).view(3, 300, 130)
+    b = fp8_quant.weight_quant(w)
+    for g in range(3):
+        assert torch.equal(_bits(b.q[g, :300, :130]), _bits(weight_quant(w[g])[0]))
+        assert torch.equal(_bits(b.qt[g].t()), _bits(b.q[g]))   # the transposed copy, padding included
+    w = torch.randn(3, 300, 130) * torch.logspace(-2, 1, 3)[:, None, None]
+    b = fp8_quant.weight_quant(w)
+    for g in range(3):
+        assert torch.equal(b.scale_inv[g], weight_quant(w[g])[1]) and torch.equal(b.scale_inv_t[g], b.scale_inv[g].t())
+
+
+def test_zero_tiles_quantize_to_zero():
+    x = torch.randn(300, 260)
+    x[:5], x[:, 128:256] = 0, 0                       # zero 1×128 tiles, zero 128×1 tiles
+    rows, tokens = fp8_quant.act_quant(x, torch.tensor(COUNTS), rows=True, tokens=True)
+    w = torch.randn(2, 300, 200)
+    w[0, :128, :128], w[1] = 0, 0                     # a zero 128×128 block, a zero expert
+    b = fp8_quant.weight_quant(w)
+    tiles = 2 + 0 + 1 + 2                             # the real token tiles of COUNTS (the rest is never read)
+    for q, s in ((rows.q, rows.scale_inv), (tokens.q[:, : tiles * 128], tokens.scale_inv[:tiles]), (b.q, b.scale_inv)):
+        assert torch.isfinite(q.float()).all() and (s > 0).all() and torch.isfinite(s).all()
+    assert (rows.q[:5].float() == 0).all() and (rows.q[:, 128:256].float() == 0).all()
+    assert (tokens.q[128:256, : tiles * 128].float() == 0).all()
+    assert (b.q[0, :128, :128].float() == 0).all() and (b.q[1].float() == 0).all()
+
+
+@pytest.mark.parametrize("counts", [[300], [170, 0, 1, 129]])
+def test_triton_gemms_match_emulation_on_the_same_operands(counts):
+    c = torch.tensor(counts, dtype=torch.int32)
+    x, dy, w = torch.randn(300, 200), torch.randn(300, 130), torch.randn(len(counts), 130, 200)
+    xr, xt = fp8_quant.act_quant(x, c, rows=True, tokens=True)
+    dyr, dyt = fp8_quant.act_quant(dy, c, rows=True, tokens=True)
+    b = fp8_quant.weight_quant(w)
+    pairs = [(fp8_gemm.gemm_rows(xr, b.q, b.scale_inv, 128, c, 130, torch.float32),          # fprop
+              hopper._emulated_rows(xr, b.q, b.scale_inv, c, 130, torch.float32)),
+             (fp8_gemm.gemm_rows(dyr, b.qt, b.scale_inv_t, 128, c, 200, torch.float32),       # dgrad
+              hopper._emulated_rows(dyr, b.qt, b.scale_inv_t, c, 200, torch.float32)),
+             (fp8_gemm.gemm_tokens(dyt, xt, torch.float32), hopper._emulated_tokens(dyt, xt, torch.float32))]
+    for got, want in pairs:
+        assert ((got - want).norm() / want.norm()).item() < 1e-5
+    if 0 in counts:
+        assert (pairs[2][0][counts.index(0)] == 0).all()   # an expert without tokens gets a zero gradient
+
+
+@pytest.mark.parametrize("K,tried", [(200, False), (512, True)])
+def test_scaled_mm_not_tried_for_block_scales_it_misreads(K, tried):
+    """K = 200 has 2 K-blocks: cuBLAS would read the weight's block scales 4 apart, so Fprop skips `_scaled_mm`;
+    K = 512 tries it (on CPU it then raises and falls back to Triton)."""
+    x, w, dy = torch.randn(256, K).requires_grad_(), torch.randn(384, K).requires_grad_(), torch.randn(256, 384)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        FP8Matmul.apply(x, w, None, hopper.HopperFP8(), torch.float32).backward(dy)
+    fprop = [str(m.message) for m in caught if f"fprop (384, {K}," in str(m.message)]
+    assert any("scaled_mm failed" in m for m in fprop) is tried
+    assert paths.used[("fprop", 384, K, 1, torch.float32)] == "triton"
+    assert torch.isfinite(x.grad).all() and torch.isfinite(w.grad).all()
