@@ -50,6 +50,9 @@ def test_sft_then_grpo(base, tmp_path):
     for key in ("reward", "accuracy", "format", "length", "kl", "clip_frac", "rollout_tok_per_s", "gen_share"):
         assert all(isinstance(r[key], float) for r in train), key
     assert train[0]["kl"] >= 0
+    # the rollouts come from the policy being trained: the engine's log-probabilities of its samples equal the
+    # trainer's π_old (both fp32 here; a wrong cache, position or weight copy in the engine shows up as a gap)
+    assert all(abs(r["rollout_kl"]) < 1e-4 and r["rollout_max_gap"] < 1e-3 for r in train), train
     assert [r["step"] for r in records if r.get("split") == "val"] == [0, 2]
 
 

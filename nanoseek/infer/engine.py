@@ -54,6 +54,9 @@ class Request:
         self.params = params
         self.tokens: list[int] = []              # generated, without EOS
         self.completion_tokens = 0               # tokens sampled, EOS included (OpenAI usage)
+        # the model's log-probability (temperature 1) of each sampled token, EOS included; plain decoding only.
+        # RL compares them with the trainer's: a gap means the rollouts are not from the policy being trained
+        self.logprobs: list[float] = []
         self.finish_reason: str | None = None
         self.cancelled = False
         self._queue: queue.Queue | None = None if emit is not None else queue.Queue()
@@ -76,6 +79,11 @@ class Request:
     def cancel(self):
         """Thread-safe: the engine drops the request at its next step and emits a 'cancelled' event."""
         self.cancelled = True
+
+
+def _logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[token] per row: the model's own log-probability of what was drawn."""
+    return torch.log_softmax(logits.float(), dim=-1).gather(1, tokens[:, None]).squeeze(1)
 
 
 def _buckets(n: int) -> list[int]:
@@ -227,8 +235,8 @@ class Engine:
         scratch = LatentCache(self.model.cfg, len(batch), max(lens), dtype=self.dtype, device=self.device,
                               n_layers=self.cache.c_kv.shape[0])
         logits, out = prefill(self.model, scratch, [r.prompt for r in batch])
-        first = Sampler([r.params for r in batch], self.device).sample(
-            logits, uniforms([r.generator for r in batch])).tolist()
+        first = Sampler([r.params for r in batch], self.device).sample(logits, uniforms([r.generator for r in batch]))
+        first_logprobs, first = _logprobs(logits, first).tolist(), first.tolist()
         if self.speculative:
             # MTP pairs (h_i, t_{i+1}) for every prompt position, the last one pairing with the sampled token
             nxt = torch.zeros(len(batch), max(lens), dtype=torch.long)
@@ -244,7 +252,7 @@ class Engine:
         for i, (r, t) in enumerate(zip(batch, first)):
             if self.speculative:
                 r.draft = drafts[i]
-            self._on_token(r, t)
+            self._on_token(r, t, first_logprobs[i])
 
     # ---- decode ----------------------------------------------------------------------------------------------
     def _batch(self, running: list[Request], T: int):
@@ -279,9 +287,10 @@ class Engine:
             return self.forward(ids, cache=cache, seq_lens=active).logits[:, -1]
 
         logits = self._run("decode", n, need, decode, [ids, active])
-        tokens = sampler.sample(logits, uniforms(gens)).tolist()
+        tokens = sampler.sample(logits, uniforms(gens))
+        logprobs, tokens = _logprobs(logits, tokens).tolist(), tokens.tolist()
         for r in running:
-            self._on_token(r, tokens[r.slot])
+            self._on_token(r, tokens[r.slot], logprobs[r.slot])
 
     def _speculative_step(self, running: list[Request]):
         n, need, ids, active, sampler, gens = self._batch(running, 2)
@@ -315,8 +324,10 @@ class Engine:
                 r.draft = drafts[r.slot]
 
     # ---- per-token bookkeeping ---------------------------------------------------------------------------------
-    def _on_token(self, r: Request, token: int) -> bool:
+    def _on_token(self, r: Request, token: int, logprob: float | None = None) -> bool:
         """Record a sampled token; returns whether the request goes on."""
+        if logprob is not None:
+            r.logprobs.append(logprob)
         r.completion_tokens += 1
         self.stats["tokens"] += 1
         if token == self.tokenizer.eos_id and not r.params.ignore_eos:

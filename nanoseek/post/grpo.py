@@ -11,7 +11,8 @@ One step:
                 each: minimize the clipped GRPO loss with the k3 KL penalty (grpo_loss.py, normalization
                 "seq" or "token"); after the first update π_θ ≠ π_old and the clip range matters
 Metrics per step (progress bar, metrics.jsonl, plot): reward, accuracy, format, response length, KL, clip
-fraction, rollout tokens/s and the share of the step spent generating; held-out greedy accuracy every
+fraction, the rollouts' KL to π_old (engine against trainer numerics: near 0 when on-policy), rollout tokens/s
+and the share of the step spent generating; held-out greedy accuracy every
 eval_every steps. Checkpoints every checkpoint_every steps resume exactly: the problems of a step and the
 seeds of its samples are functions of (seed, step).
 """
@@ -136,6 +137,10 @@ class GRPO:
         order = list(range(n))
         old = self._per_sequence(self._logprobs(self.model, data, order), lengths)
         ref = self._per_sequence(self._logprobs(self.ref, data, order), lengths) if self.ref is not None else None
+        # the rollouts' own log-probabilities against π_old's: E[log q − log π_old] over tokens sampled from the
+        # engine's q estimates KL(q ‖ π_old), which is 0 when the rollouts really come from the policy trained
+        gap = torch.cat([torch.tensor(c.logprobs, device=o.device) - o for c, o in
+                         zip((c for g in groups for c in g), old)])
 
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + run.step)
         size = n // cfg.minibatches
@@ -171,7 +176,8 @@ class GRPO:
                 "flat_groups": float((total.std(dim=1) == 0).float().mean()),
                 "loss": sums["loss"] / (cfg.epochs * cfg.minibatches), "kl": sums["kl"] / max(seen, 1),
                 "clip_frac": sums["clip_frac"] / max(seen, 1), "ratio": sums["ratio"] / max(seen, 1),
-                "grad_norm": grad_norm, "lr": lr, "rollout_tok_per_s": timing.tokens_per_s,
+                "grad_norm": grad_norm, "lr": lr, "rollout_kl": float(gap.mean()),
+                "rollout_max_gap": float(gap.abs().max()), "rollout_tok_per_s": timing.tokens_per_s,
                 "rollout_tokens": timing.tokens, "gen_share": timing.seconds / dt, "time": dt}
 
     @staticmethod

@@ -9,7 +9,7 @@ a completion depends on its seed alone, never on which other requests shared its
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -22,6 +22,7 @@ class Completion:
     ids: list[int]          # sampled tokens, ending with eos when the model stopped by itself
     text: str               # decoded, special tokens (think tags) kept, eos not included
     finished: bool          # False: cut at max_tokens
+    logprobs: list[float] = field(default_factory=list)   # the engine's log-probability (T = 1) of each of ids
 
 
 @dataclass
@@ -68,7 +69,7 @@ def sample(engine: Engine, prompts: list[list[int]], n: int = 1, max_tokens: int
         torch.cuda.synchronize()
     eos = engine.tokenizer.eos_id
     out = [[Completion(r.tokens + [eos] * (r.finish_reason == "stop"), engine.tokenizer.decode(r.tokens),
-                       r.finish_reason == "stop") for r in group] for group in requests]
+                       r.finish_reason == "stop", r.logprobs) for r in group] for group in requests]
     if timing is not None:
         timing.seconds += time.perf_counter() - t0
         timing.tokens += sum(r.completion_tokens for group in requests for r in group)
