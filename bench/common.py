@@ -51,7 +51,8 @@ def copy_tb_s(nbytes: int = 4 * 2**30) -> float:
 
 def env() -> dict:
     import transformers
-    return {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
+    return {"device": device, "torch": torch.__version__,
             "transformers": transformers.__version__, "python": sys.version.split()[0]}
 
 
