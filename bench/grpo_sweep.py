@@ -49,4 +49,6 @@ if __name__ == "__main__":
              for name, spec in runs.items()]
     for p in procs:
         p.wait()
-    os.system(f"grep -h 'SFT\\|GRPO\\|held-out' {ROOT}/*.log")
+    for name in runs:
+        with open(f"{ROOT}/{name}.log") as f:
+            print("".join(line for line in f if any(k in line for k in ("SFT", "GRPO", "held-out"))), end="")
