@@ -54,8 +54,8 @@ class Request:
         self.params = params
         self.tokens: list[int] = []              # generated, without EOS
         self.completion_tokens = 0               # tokens sampled, EOS included (OpenAI usage)
-        # the model's log-probability (temperature 1) of each sampled token, EOS included; plain decoding only.
-        # RL compares them with the trainer's: a gap means the rollouts are not from the policy being trained
+        # with Engine(logprobs=True): the model's log-probability (temperature 1) of each sampled token, EOS
+        # included; plain decoding only. RL compares them with the trainer's: a gap means off-policy rollouts
         self.logprobs: list[float] = []
         self.finish_reason: str | None = None
         self.cancelled = False
@@ -81,11 +81,6 @@ class Request:
         self.cancelled = True
 
 
-def _logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[token] per row: the model's own log-probability of what was drawn."""
-    return torch.log_softmax(logits.float(), dim=-1).gather(1, tokens[:, None]).squeeze(1)
-
-
 def _buckets(n: int) -> list[int]:
     return sorted({min(2 ** i, n) for i in range(n.bit_length() + 1)})
 
@@ -93,10 +88,12 @@ def _buckets(n: int) -> list[int]:
 class Engine:
     def __init__(self, model, tokenizer, max_batch: int = 16, max_len: int = 2048, max_waiting: int = 256,
                  prefill_tokens: int = 8192, speculative: bool = False, cuda_graphs: bool = True,
-                 compile: bool = False, autocast: torch.dtype | None = None):
+                 compile: bool = False, autocast: torch.dtype | None = None, logprobs: bool = False):
         """autocast: run the forwards under CUDA autocast to this dtype (a training policy's fp32 master weights
         decoded in bf16, as the trainer computes them). The weight casts are part of every step, not cached,
-        so captured graphs read the weights as they are after each optimizer step."""
+        so captured graphs read the weights as they are after each optimizer step.
+        logprobs: record each sampled token's log-probability in Request.logprobs (a softmax over the vocabulary
+        and a host transfer per step, so off unless asked for)."""
         if speculative and not len(model.mtp):
             raise ValueError("speculative decoding needs an MTP module (num_nextn_predict_layers >= 1)")
         self.model, self.tokenizer = model.eval(), tokenizer
@@ -107,6 +104,7 @@ class Engine:
         self.max_batch, self.max_len, self.max_waiting = max_batch, max_len, max_waiting
         self.prefill_tokens = prefill_tokens
         self.speculative = speculative
+        self.logprobs = logprobs
         self.cache = LatentCache(model.cfg, max_batch, max_len, dtype=self.dtype, device=self.device)
         self.slots: list[Request | None] = [None] * max_batch
         self.waiting: collections.deque[Request] = collections.deque()
@@ -235,8 +233,8 @@ class Engine:
         scratch = LatentCache(self.model.cfg, len(batch), max(lens), dtype=self.dtype, device=self.device,
                               n_layers=self.cache.c_kv.shape[0])
         logits, out = prefill(self.model, scratch, [r.prompt for r in batch])
-        first = Sampler([r.params for r in batch], self.device).sample(logits, uniforms([r.generator for r in batch]))
-        first_logprobs, first = _logprobs(logits, first).tolist(), first.tolist()
+        first, first_logprobs = self._sample(Sampler([r.params for r in batch], self.device), logits,
+                                             [r.generator for r in batch])
         if self.speculative:
             # MTP pairs (h_i, t_{i+1}) for every prompt position, the last one pairing with the sampled token
             nxt = torch.zeros(len(batch), max(lens), dtype=torch.long)
@@ -287,10 +285,17 @@ class Engine:
             return self.forward(ids, cache=cache, seq_lens=active).logits[:, -1]
 
         logits = self._run("decode", n, need, decode, [ids, active])
-        tokens = sampler.sample(logits, uniforms(gens))
-        logprobs, tokens = _logprobs(logits, tokens).tolist(), tokens.tolist()
+        tokens, logprobs = self._sample(sampler, logits, gens)
         for r in running:
             self._on_token(r, tokens[r.slot], logprobs[r.slot])
+
+    def _sample(self, sampler: Sampler, logits: torch.Tensor, gens) -> tuple[list[int], list[float | None]]:
+        """Tokens drawn from logits (B, V), and their log-probabilities when this engine records them."""
+        tokens = sampler.sample(logits, uniforms(gens))
+        if not self.logprobs:
+            return tokens.tolist(), [None] * len(tokens)
+        logprobs = torch.log_softmax(logits.float(), dim=-1).gather(1, tokens[:, None]).squeeze(1)
+        return tokens.tolist(), logprobs.tolist()
 
     def _speculative_step(self, running: list[Request]):
         n, need, ids, active, sampler, gens = self._batch(running, 2)

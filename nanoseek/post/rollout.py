@@ -36,12 +36,13 @@ class Timing:
 
 
 def make_engine(model, tokenizer, max_batch: int, max_len: int) -> Engine:
-    """An engine for bulk sampling: every request may wait (no queue limit). A policy in fp32 (trained with
-    fp32 master weights) samples under bf16 autocast on CUDA, as its training forward runs: same numbers, and
-    its MoE takes the bf16 grouped GEMM, which CUDA graphs can capture (the fp32 fallback syncs on counts)."""
+    """An engine for bulk sampling: every request may wait (no queue limit), and sampled tokens' log-probabilities
+    are recorded (GRPO checks its rollouts against them). A policy in fp32 (trained with fp32 master weights)
+    samples under bf16 autocast on CUDA, as its training forward runs: same numbers, and its MoE takes the bf16
+    grouped GEMM, which CUDA graphs can capture (the fp32 fallback syncs on counts)."""
     fp32 = next(model.parameters()).dtype == torch.float32
     return Engine(model, tokenizer, max_batch=max_batch, max_len=max_len, max_waiting=1 << 30,
-                  autocast=torch.bfloat16 if fp32 else None)
+                  autocast=torch.bfloat16 if fp32 else None, logprobs=True)
 
 
 def prompt_ids(tokenizer, messages: list[dict] | str) -> list[int]:
