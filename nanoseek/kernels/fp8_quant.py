@@ -3,18 +3,20 @@
 Same arithmetic as the reference, bit for bit: scale_inv = max(amax, 1e-12) / 448 and q = E4M3_rne(clamp(x /
 scale_inv, ±448)), with IEEE round-to-nearest division (`div_rn`: Triton's `/` is an approximate divide on CUDA).
 The outputs are laid out for the GEMMs (fp8/hopper.py): inner dims zero-padded to multiples of 128 and scales in
-the layouts `torch._scaled_mm` takes, so no copy is needed between quantization and GEMM. Transposed copies are
-written by storing the fp8 tile at transposed addresses, not through `tl.trans` of the fp8 tile: on an H200 with
-Triton 3.6 that gave a wrong Wᵀ copy (rows of one repeated byte, tests/test_fp8_gpu.py), which Dgrad reads;
-mlc-ai/pith-train#74 reports the same miscompile on H100 with Triton 3.7 and fixes it the same way.
+the layouts `torch._scaled_mm` takes, so no copy is needed between quantization and GEMM. Transposing an fp8 tile
+inside a kernel is fragile on sm90 with Triton 3.6: `tl.trans` gave rows of one repeated byte, and storing the tile
+at transposed addresses after also storing it row-major (the weight kernel) permuted bytes within groups of four,
+10% of Wᵀ wrong (tests/test_fp8_gpu.py, H200); mlc-ai/pith-train#74 reports the first on H100 with Triton 3.7.
+So Wᵀ is a PyTorch transpose-copy of W's fp8 bytes (weights are small next to activations), and only the token
+tiles, whose one store per tile is transposed and bit-exact on the H200, are transposed in the kernel.
 
 * `act_quant`: one read of x (M, K) gives both operands the recipe needs from an activation:
     rows   1×128 tiles along K (Fprop's x, Dgrad's dy):  q (M, Kp), scale_inv (M, Kt) column-major;
     tokens 128×1 tiles along M, transposed (Wgrad's xᵀ, dyᵀ): q (Kp, T·128), scale_inv (T, Kp) row-major.
   Rows may be grouped (MoE: counts[g] rows per expert): token tiles then restart at each group's first row and
   group g owns the 128-column slices [tile_start_g, tile_end_g) of the transposed output.
-* `weight_quant`: 128×128 blocks of W (N, K) or stacked (G, N, K), written both ways round (W for Fprop, Wᵀ for
-  Dgrad: a 128×128 block quantization of Wᵀ is the transpose of W's, so one pass gives both).
+* `weight_quant`: 128×128 blocks of W (N, K) or stacked (G, N, K), returned both ways round (W for Fprop, Wᵀ for
+  Dgrad: a 128×128 block quantization of Wᵀ is the transpose of W's, so one quantization gives both).
 """
 from __future__ import annotations
 
@@ -113,7 +115,7 @@ def _act_quant_kernel(x_ptr, stride_xm, stride_xk, K, counts_ptr, G,
 
 @triton.jit
 def _weight_quant_kernel(w_ptr, stride_wg, stride_wn, stride_wk, N, K, Np, Kp, Nt, Kt,
-                         q_ptr, qt_ptr, s_ptr, stride_sg, stride_sn, st_ptr, stride_stg, stride_stk):
+                         q_ptr, s_ptr, stride_sg, stride_sn, st_ptr, stride_stg, stride_stk):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     g = tl.program_id(2).to(tl.int64)
@@ -125,7 +127,6 @@ def _weight_quant_kernel(w_ptr, stride_wg, stride_wn, stride_wk, N, K, Np, Kp, N
     s = tl.math.div_rn(tl.maximum(tl.max(tl.abs(w)), 1e-12), 448.0)
     q = tl.clamp(tl.math.div_rn(w, s), -448.0, 448.0).to(tl.float8e4nv)
     tl.store(q_ptr + g * Np * Kp + rows[:, None] * Kp + cols[None, :], q)
-    tl.store(qt_ptr + g * Kp * Np + cols[None, :] * Np + rows[:, None], q)   # q[n, k] -> qt[k, n]
     tl.store(s_ptr + g * stride_sg + pid_n * stride_sn + pid_k, s)
     tl.store(st_ptr + g * stride_stg + pid_k * stride_stk + pid_n, s)
 
@@ -166,12 +167,12 @@ def weight_quant(w: torch.Tensor) -> Blocks:
     Np, Kp = Nt * BLOCK, Kt * BLOCK
     dev, fp8 = w.device, torch.float8_e4m3fn
     q = torch.empty(G, Np, Kp, dtype=fp8, device=dev)
-    qt = torch.empty(G, Kp, Np, dtype=fp8, device=dev)
     s = torch.empty(G, Nt, Kt, dtype=torch.float32, device=dev)
     st = torch.empty(G, Kt, Nt, dtype=torch.float32, device=dev)
     _weight_quant_kernel[(Nt, Kt, G)](w3, w3.stride(0), w3.stride(1), w3.stride(2), N, K, Np, Kp, Nt, Kt,
-                                      q, qt, s, s.stride(0), s.stride(1), st, st.stride(0), st.stride(1),
+                                      q, s, s.stride(0), s.stride(1), st, st.stride(0), st.stride(1),
                                       num_warps=8)
+    qt = q.transpose(1, 2).contiguous()
     if w.dim() == 2:
         q, qt, s, st = q[0], qt[0], s[0], st[0]
     return Blocks(q, qt, s, st, N, K)
