@@ -19,6 +19,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import bf16_gemm_tflops, cuda_time_ms, env, median, write_json  # noqa: E402
 from nanoseek.config import preset  # noqa: E402
+from nanoseek.fp8 import convert_to_fp8  # noqa: E402
 from nanoseek.info import count  # noqa: E402
 from nanoseek.io import save_hf  # noqa: E402
 from nanoseek.model import DeepSeekV3  # noqa: E402
@@ -62,13 +63,15 @@ def measure(step, iters, warmup):
     return median(times), torch.cuda.max_memory_allocated() / 2**30
 
 
-def build_nanoseek(cfg, compile_blocks, state=None, dtype=torch.float32):
+def build_nanoseek(cfg, compile_blocks, state=None, dtype=torch.float32, fp8=False):
     torch._dynamo.reset()  # each model compiles afresh (shared code objects would pile up guards across models)
     torch.manual_seed(0)
     model = DeepSeekV3(cfg).cuda()
     if state is not None:
         model.load_state_dict(state)
     model.to(dtype)
+    if fp8:
+        convert_to_fp8(model)
     if compile_blocks:
         for block in model.layers:
             block.compile()

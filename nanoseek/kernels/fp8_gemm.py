@@ -90,38 +90,47 @@ def _gemm_tokens_kernel(a_ptr, stride_an, sa_ptr, stride_sat, b_ptr, stride_bk, 
              acc.to(c_ptr.dtype.element_ty), mask=(rn[:, None] < N) & (rk[None, :] < K))
 
 
+def rows_config(M: int, G: int) -> dict:
+    """Tile shape and pipelining of `gemm_rows` (bench/fp8_tune.py times alternatives)."""
+    block_m = 64 if M < 256 * G else 128    # small groups waste less of a 64-row tile
+    return dict(BLOCK_M=block_m, BLOCK_N=128, num_warps=4 if block_m == 64 else 8, num_stages=3)
+
+
+TOKENS_CONFIG = dict(BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3)
+
+
 def gemm_rows(a: Rows, b: torch.Tensor, b_scale: torch.Tensor, b_rows_per_scale: int, counts: torch.Tensor,
-              n: int, out_dtype: torch.dtype) -> torch.Tensor:
+              n: int, out_dtype: torch.dtype, config: dict | None = None) -> torch.Tensor:
     """out[rows of g] = deq(a)[rows of g] · deq(b[g])ᵀ  ->  (M, n).
 
     a: Rows (M, Kp); b: (G, Np, Kp) fp8 contiguous; b_scale: (G, Np / b_rows_per_scale, Kt);
-    counts: (G,) int32 on the device; n: the real output width (≤ Np)."""
+    counts: (G,) int32 on the device; n: the real output width (≤ Np); config: rows_config's keys."""
     M = a.q.shape[0]
     G, Np, Kp = b.shape
     out = torch.empty(M, n, dtype=out_dtype, device=a.q.device)
     if M == 0:
         return out
-    block_m = 64 if M < 256 * G else 128    # small groups waste less of a 64-row tile
-    grid = ((M + (block_m - 1) * G) // block_m, cdiv(Np, 128))
+    config = config or rows_config(M, G)
+    grid = ((M + (config["BLOCK_M"] - 1) * G) // config["BLOCK_M"], cdiv(Np, config["BLOCK_N"]))
     _gemm_rows_kernel[grid](a.q, a.q.stride(0), a.scale_inv, a.scale_inv.stride(0), a.scale_inv.stride(1),
                             b, b.stride(0), b.stride(1),
                             b_scale, b_scale.stride(0), b_scale.stride(1), b_scale.stride(2),
                             out, out.stride(0), counts, G, n, Np, Kp // BLOCK,
-                            B_ROWS_PER_SCALE=b_rows_per_scale, BLOCK_M=block_m, BLOCK_N=128,
-                            BLOCK_G=block_g(G), num_warps=4 if block_m == 64 else 8, num_stages=3)
+                            B_ROWS_PER_SCALE=b_rows_per_scale, BLOCK_G=block_g(G), **config)
     return out
 
 
-def gemm_tokens(a: Tokens, b: Tokens, out_dtype: torch.dtype) -> torch.Tensor:
+def gemm_tokens(a: Tokens, b: Tokens, out_dtype: torch.dtype, config: dict | None = None) -> torch.Tensor:
     """dW_g = deq(a_g) · deq(b_g)ᵀ over the token tiles of group g -> (G, a.cols, b.cols).
 
-    a: Tokens of dy (Np, T·128), b: Tokens of x (Kp, T·128), with the same counts."""
+    a: Tokens of dy (Np, T·128), b: Tokens of x (Kp, T·128), with the same counts; config: TOKENS_CONFIG's keys."""
     G = a.counts.numel()
     Np, Kp = a.q.shape[0], b.q.shape[0]
+    config = config or TOKENS_CONFIG
     out = torch.empty(G, a.cols, b.cols, dtype=out_dtype, device=a.q.device)
-    grid = (cdiv(Np, 128), cdiv(Kp, 128), G)
+    grid = (cdiv(Np, config["BLOCK_N"]), cdiv(Kp, config["BLOCK_K"]), G)
     _gemm_tokens_kernel[grid](a.q, a.q.stride(0), a.scale_inv, a.scale_inv.stride(0),
                               b.q, b.q.stride(0), b.scale_inv, b.scale_inv.stride(0),
                               out, out.stride(0), out.stride(1), a.counts, G, a.cols, b.cols, Np, Kp,
-                              BLOCK_N=128, BLOCK_K=128, BLOCK_G=block_g(G), num_warps=8, num_stages=3)
+                              BLOCK_G=block_g(G), **config)
     return out
