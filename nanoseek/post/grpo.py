@@ -59,6 +59,8 @@ class GRPOConfig:
     seed: int = knob(0, "seed of the problems and of the rollout samples")
     eval_every: int = knob(10, "steps between held-out evaluations (0: at the start and end only)")
     eval_problems: int = knob(200, "held-out problems per evaluation (greedy)")
+    eval_samples: int = knob(4, "k: also sample each held-out problem k times at T = 0.6 for pass@1 and maj@k "
+                                "(R1's pass@1); 1: greedy only")
     checkpoint_every: int = knob(50, "steps between checkpoints (0: only at the end and on Ctrl-C)")
 
     def validate(self):
@@ -186,7 +188,8 @@ class GRPO:
         return [row[:n] for row, n in zip(rows, lengths)]
 
     def evaluate(self) -> dict:
-        scores = evaluate(self.engine, self.task, self.heldout, max_tokens=self.cfg.max_new_tokens)
+        scores = evaluate(self.engine, self.task, self.heldout, k=self.cfg.eval_samples,
+                          max_tokens=self.cfg.max_new_tokens)
         self.model.train()
         return scores
 
@@ -203,10 +206,14 @@ class GRPO:
         def validate():
             scores = self.evaluate()
             metrics.log({"split": "val", "step": run.step, **scores})
-            metrics.note(f"step {run.step}: held-out accuracy {scores['exact_match']:.1%} "
+            sampled = f", pass@1 {scores['pass@1']:.1%} at T=0.6" if "pass@1" in scores else ""
+            metrics.note(f"step {run.step}: held-out accuracy {scores['exact_match']:.1%} greedy{sampled} "
                          f"(format {scores['format']:.0%}, length {scores['length']:.1f}, {len(self.heldout)} problems)")
             summary.setdefault("start_accuracy", scores["exact_match"])
             summary["accuracy"] = scores["exact_match"]
+            if "pass@1" in scores:
+                summary.setdefault("start_pass@1", scores["pass@1"])
+                summary["pass@1"] = scores["pass@1"]
 
         records = []
         try:
