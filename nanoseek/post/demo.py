@@ -7,8 +7,9 @@ each stage.
   1. SFT    V3's two sample kinds of the arithmetic task (plain answers, and worked solutions in <think>):
             on an H200, 600 steps take the held-out accuracy from 0% to 78% (150 steps: 7%, 300: 23%)
   2. GRPO   rule-based rewards on its own samples (G per problem, from the inference engine), from the SFT
-            model, which is also the KL reference. On this model GRPO has not yet beaten its SFT start
-            (BENCHMARKS.md: every setting measured lost accuracy, the more the higher the lr; 3e-5 lost least)
+            model, which is also the KL reference. This model is sharp along its policy gradient: lr ≥ 3e-5
+            lost accuracy in every run; at 1e-5 (H200, 200 steps) held-out pass@1 at T = 0.6 rose 73.3% →
+            77.2% and greedy accuracy 86.0% → 87.4% (BENCHMARKS.md), short of the +10 points aimed for
 Each stage is scored on the same held-out problems (greedy, reasoning prompt) and the run ends with a table,
 runs/posttrain/summary.json and the GRPO curves (runs/posttrain/grpo/grpo.png). Sized for a few minutes on
 one GPU. A stage that has finished is not run again (--fresh starts over).
@@ -29,8 +30,8 @@ TASK = "arithmetic"
 HELDOUT = 500
 SFT = SFTConfig(task=TASK, problems=20000, steps=600, batch_size=32, seq_len=256, lr=1e-3, warmup_steps=10,
                 eval_problems=HELDOUT, max_new_tokens=64)
-GRPO_CFG = GRPOConfig(task=TASK, steps=100, prompts_per_step=64, group_size=8, max_new_tokens=64, lr=3e-5,
-                      warmup_steps=10, beta=0.04, eval_every=25, eval_problems=HELDOUT, checkpoint_every=50)
+GRPO_CFG = GRPOConfig(task=TASK, steps=200, prompts_per_step=64, group_size=8, max_new_tokens=64, lr=1e-5,
+                      warmup_steps=10, beta=0.04, eval_every=50, eval_problems=HELDOUT, checkpoint_every=50)
 
 
 def _heldout(model_path: str, device: str) -> float:
@@ -93,6 +94,7 @@ def main(base: str = "runs/demo", out: str = "runs/posttrain", device: str = "au
         g = grpo(GRPO_CFG, os.path.join(sft_dir, "final"), grpo_dir, device,
                  resume=bool(checkpoint.checkpoints(grpo_dir)))
         stage("grpo", g["accuracy"], time.time() - t, model=g["final"], plot=g["plot"],
+              pass_at_1=[g.get("start_pass@1"), g.get("pass@1")],
               rollout_tokens_per_s=g.get("rollout_tok_per_s"), gen_share=g.get("gen_share"),
               config=dataclasses.asdict(GRPO_CFG))
 
@@ -101,7 +103,10 @@ def main(base: str = "runs/demo", out: str = "runs/posttrain", device: str = "au
     for name in ("base", "sft", "grpo"):
         print(f"  {name:5s} {st[name]['heldout_accuracy']:7.1%}   ({st[name]['seconds']:.0f} s)")
     gain = st["grpo"]["heldout_accuracy"] - st["sft"]["heldout_accuracy"]
-    print(f"GRPO over SFT: {gain * 100:+.1f} points; rollouts {st['grpo']['rollout_tokens_per_s']:.0f} tokens/s, "
+    sampled = st["grpo"].get("pass_at_1") or [None, None]
+    if None not in sampled:
+        print(f"  pass@1 at T = 0.6 over GRPO: {sampled[0]:.1%} -> {sampled[1]:.1%}")
+    print(f"GRPO over SFT: {gain * 100:+.1f} points greedy; rollouts {st['grpo']['rollout_tokens_per_s']:.0f} tokens/s, "
           f"{st['grpo']['gen_share']:.0%} of GRPO step time generating; curves {st['grpo']['plot']}")
     print(f"total {time.time() - start:.0f} s this run; summary {summary_path}")
     return summary

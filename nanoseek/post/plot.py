@@ -1,4 +1,4 @@
-"""A PNG of a GRPO run's metrics.jsonl: reward and accuracy (training samples and held-out greedy), response
+"""A PNG of a GRPO run's metrics.jsonl: reward and accuracy (training samples, held-out greedy and pass@1), response
 length, KL to the reference and clip fraction, rollout speed and the share of each step spent generating."""
 from __future__ import annotations
 
@@ -35,6 +35,10 @@ def plot_grpo(run_dir: str, out: str | None = None) -> str:
     if val:
         ax.plot([r["step"] for r in val], [r["exact_match"] for r in val], "o-", color="tab:red",
                 label="held-out accuracy (greedy)")
+        sampled = [r for r in val if "pass@1" in r]
+        if sampled:
+            ax.plot([r["step"] for r in sampled], [r["pass@1"] for r in sampled], "s--", color="tab:pink",
+                    label="held-out pass@1 (T = 0.6)")
     ax.set(title="reward and accuracy", xlabel="step", ylim=(0, None))
     ax.legend(fontsize=8)
     curve(axes[0, 1], "length", "tokens per response", "tab:purple")
