@@ -49,7 +49,8 @@ def time_configs(name, flops, run, grid, default, peer_ms):
     base = next(r for r in ok if all(r[k] == v for k, v in default.items()))
     print(f"\n{name}: bf16 grouped_mm {peer_ms:.3f} ms ({flops / peer_ms / 1e9:.0f} TFLOP/s)")
     print(f"{'config':48s} {'ms':>7s} {'TFLOP/s':>8s} {'vs bf16':>8s} same")
-    for r in sorted(ok, key=lambda r: r["ms"])[:6] + ([base] if base is not best else []):
+    top = sorted(ok, key=lambda r: r["ms"])[:6]
+    for r in top + ([base] if all(r is not base for r in top) else []):
         tag = " (default)" if r is base else ""
         cfg = ", ".join(f"{k}={r[k]}" for k in default)
         print(f"{cfg + tag:48s} {r['ms']:7.3f} {r['tflops']:8.0f} {peer_ms / r['ms']:7.2f}x {r['same']}")
