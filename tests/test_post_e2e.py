@@ -53,7 +53,12 @@ def test_sft_then_grpo(base, tmp_path):
     # the rollouts come from the policy being trained: the engine's log-probabilities of its samples equal the
     # trainer's π_old (both fp32 here; a wrong cache, position or weight copy in the engine shows up as a gap)
     assert all(abs(r["rollout_kl"]) < 1e-4 and r["rollout_max_gap"] < 1e-3 for r in train), train
-    assert [r["step"] for r in records if r.get("split") == "val"] == [0, 2]
+    val = [r for r in records if r.get("split") == "val"]
+    assert [r["step"] for r in val] == [0, 2]
+    # held-out pass@1 / maj@k from eval_samples = 4 samples at T = 0.6: a mean over 4 × 8 samples, so a multiple of
+    # 1/32, and what the run's summary reports
+    assert all(0 <= r["pass@1"] <= 1 and (r["pass@1"] * 32) % 1 == 0 and 0 <= r["maj@4"] <= 1 for r in val)
+    assert g["pass@1"] == val[-1]["pass@1"] and g["start_pass@1"] == val[0]["pass@1"]
 
 
 def test_grpo_resume_is_exact(base, tmp_path):
