@@ -61,6 +61,17 @@ def test_sft_then_grpo(base, tmp_path):
     assert g["pass@1"] == val[-1]["pass@1"] and g["start_pass@1"] == val[0]["pass@1"]
 
 
+def test_truncated_importance_weights_are_one_on_policy(base, tmp_path):
+    """On CPU in fp32 the engine samples from exactly the trained policy, so min(π_old / π_engine, 2) is 1 (to
+    rounding) and the step is the plain one: same rewards, same loss."""
+    plain = GRPO(small_grpo(steps=1), base, str(tmp_path / "a"), device="cpu", log=lambda *a: None).step()
+    tis = GRPO(small_grpo(steps=1, tis_cap=2.0), base, str(tmp_path / "b"), device="cpu", log=lambda *a: None).step()
+    assert tis["reward"] == plain["reward"]
+    assert tis["loss"] == pytest.approx(plain["loss"], rel=1e-4, abs=1e-6)
+    with pytest.raises(ValueError, match="tis_cap"):
+        GRPO(small_grpo(tis_cap=-1.0), base, str(tmp_path / "c"), device="cpu")
+
+
 def test_grpo_resume_is_exact(base, tmp_path):
     straight = GRPO(small_grpo(steps=2), base, str(tmp_path / "a"), device="cpu", log=lambda *a: None)
     straight.fit(progress=False)

@@ -13,8 +13,9 @@ from nanoseek.post.logprobs import batch, completion_logprobs
 from .helpers import random_model
 
 
-def direct_objective(logp, old, ref, adv, lengths, eps, beta, norm):
-    """J of DeepSeekMath eq. 3 / R1 eq. 1-2, written out token by token with plain math per element."""
+def direct_objective(logp, old, ref, adv, lengths, eps, beta, norm, weights=None):
+    """J of DeepSeekMath eq. 3 / R1 eq. 1-2, written out token by token with plain math per element; weights:
+    per-token importance weights of the surrogate (truncated importance sampling), constants."""
     terms = []
     for i, n in enumerate(lengths):
         seq = []
@@ -23,8 +24,9 @@ def direct_objective(logp, old, ref, adv, lengths, eps, beta, norm):
             r = float(ratio.detach())
             clipped = min(max(r, 1 - eps), 1 + eps)        # a constant: no gradient through the clipped branch
             surrogate = ratio * adv[i] if clipped == r else torch.minimum(ratio * adv[i], clipped * adv[i])
+            w = 1.0 if weights is None else float(weights[i, t])
             d = torch.exp(ref[i, t] - logp[i, t]) - (ref[i, t] - logp[i, t]) - 1   # π_ref/π − log(π_ref/π) − 1
-            seq.append(surrogate - beta * d)
+            seq.append(w * surrogate - beta * d)
         terms.append(seq)
     if norm == "seq":   # 1/G Σ_i 1/|o_i| Σ_t
         return sum(sum(seq) / len(seq) for seq in terms) / len(terms)
@@ -74,6 +76,30 @@ def test_on_policy_first_update_is_policy_gradient():
     expected = -(adv[:, None] / mask.sum(1, keepdim=True)) / 3 * mask
     torch.testing.assert_close(logp.grad, expected)
     assert float(stats.clip_frac) == 0 and float(stats.ratio) == 1
+
+
+@pytest.mark.parametrize("norm", ["seq", "token"])
+def test_importance_weights_scale_the_surrogate_only(norm):
+    g = torch.Generator().manual_seed(3)
+    N, C, eps, beta = 5, 6, 0.2, 0.04
+    lengths = [6, 2, 4, 1, 5]
+    mask = torch.arange(C)[None, :] < torch.tensor(lengths)[:, None]
+    logp = (-torch.rand(N, C, generator=g) * 3).requires_grad_()
+    old = logp.detach() + 0.3 * torch.randn(N, C, generator=g)
+    ref = logp.detach() + 0.5 * torch.randn(N, C, generator=g)
+    adv = torch.randn(N, generator=g)
+    engine = old + 0.5 * torch.randn(N, C, generator=g)           # the sampler's own log-probabilities
+    w = (old - engine).exp().clamp(max=2.0)                          # min(π_old / π_engine, C)
+    loss, _ = grpo_loss(logp, old, ref, adv, mask, eps, beta, norm, weights=w)
+    (grad,) = torch.autograd.grad(loss, logp)
+    x = logp.detach().clone().requires_grad_()
+    expected = -direct_objective(x, old, ref, adv, lengths, eps, beta, norm, weights=w)
+    (expected_grad,) = torch.autograd.grad(expected, x)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-6)
+    ones, _ = grpo_loss(logp, old, ref, adv, mask, eps, beta, norm, weights=torch.ones(N, C))
+    torch.testing.assert_close(ones, grpo_loss(logp, old, ref, adv, mask, eps, beta, norm)[0])
+    assert not torch.allclose(loss, ones)
 
 
 @pytest.mark.parametrize("norm", ["seq", "token"])

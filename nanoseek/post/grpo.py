@@ -9,7 +9,8 @@ One step:
                 π_ref's under the frozen reference (the starting checkpoint) when β > 0
   5. updates    `epochs` passes over the rollouts in `minibatches` shuffled minibatches, one optimizer step
                 each: minimize the clipped GRPO loss with the k3 KL penalty (grpo_loss.py, normalization
-                "seq" or "token"); after the first update π_θ ≠ π_old and the clip range matters
+                "seq" or "token", optionally truncated importance weights for the engine's numerics); after
+                the first update π_θ ≠ π_old and the clip range matters
 Metrics per step (progress bar, metrics.jsonl, plot): reward, accuracy, format, response length, KL, clip
 fraction, the rollouts' KL to π_old (engine against trainer numerics: near 0 when on-policy), rollout tokens/s
 and the share of the step spent generating; held-out greedy accuracy every
@@ -50,6 +51,8 @@ class GRPOConfig:
     beta: float = knob(0.04, "β of the k3 KL penalty to the reference (DeepSeekMath: 0.04); 0: no reference")
     loss_norm: str = knob("seq", "'seq': token mean per response, then mean over responses (DeepSeekMath, R1); "
                                  "'token': mean over all tokens (DAPO)")
+    tis_cap: float = knob(0.0, "C of the truncated importance weight min(π_old / π_engine, C) on each token's "
+                               "surrogate, for the engine's numerics differing from the trainer's (0: off)")
     format_weight: float = knob(0.1, "reward = accuracy + format_weight × format")
     lr: float = knob(1e-5, "learning rate")
     warmup_steps: int = knob(0, "linear warmup steps")
@@ -68,6 +71,8 @@ class GRPOConfig:
             raise ValueError(f"loss_norm must be one of {NORMS}, got {self.loss_norm!r}")
         if self.group_size < 2:
             raise ValueError("group_size must be at least 2: advantages compare samples of one prompt")
+        if self.tis_cap < 0:
+            raise ValueError(f"tis_cap must be 0 (off) or positive, got {self.tis_cap}")
         if (self.prompts_per_step * self.group_size) % self.minibatches:
             raise ValueError("minibatches must divide prompts_per_step × group_size")
 
@@ -141,8 +146,9 @@ class GRPO:
         ref = self._per_sequence(self._logprobs(self.ref, data, order), lengths) if self.ref is not None else None
         # the rollouts' own log-probabilities against π_old's: E[log q − log π_old] over tokens sampled from the
         # engine's q estimates KL(q ‖ π_old), which is 0 when the rollouts really come from the policy trained
-        gap = torch.cat([torch.tensor(c.logprobs, device=o.device) - o for c, o in
-                         zip((c for g in groups for c in g), old)])
+        sampled = [torch.tensor(c.logprobs, device=o.device) for c, o in zip((c for g in groups for c in g), old)]
+        gap = torch.cat([q - o for q, o in zip(sampled, old)])
+        tis = [(o - q).exp().clamp(max=cfg.tis_cap) for o, q in zip(old, sampled)] if cfg.tis_cap else None
 
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + run.step)
         size = n // cfg.minibatches
@@ -160,7 +166,8 @@ class GRPO:
                         logp = completion_logprobs(self.model, ids, start, targets, mask)
                     loss, st = grpo_loss(logp, _pad([old[i] for i in idx]),
                                          _pad([ref[i] for i in idx]) if ref is not None else None, adv[idx], mask,
-                                         cfg.clip_eps, cfg.beta, cfg.loss_norm, n_outputs=len(mb), n_tokens=n_tokens)
+                                         cfg.clip_eps, cfg.beta, cfg.loss_norm, n_outputs=len(mb), n_tokens=n_tokens,
+                                         weights=_pad([tis[i] for i in idx]) if tis is not None else None)
                     loss.backward()
                     tokens = int(mask.sum())
                     sums["loss"] += loss.item()

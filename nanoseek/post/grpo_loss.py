@@ -11,6 +11,11 @@ For a question q, G outputs o_1..o_G sampled from π_old, with rewards r_1..r_G:
 and loss = −J. std is the sample standard deviation (n − 1), as torch.std; eps keeps a group whose rewards are
 all equal at A = 0 (it then teaches nothing, only the KL term acts on it).
 
+Rollouts come from the inference engine, whose numerics differ from the trainer's (other kernels; in bf16 a
+near-tied expert choice can flip), so its samples are slightly off-policy for π_old. Optional truncated importance
+weights (Yao et al. 2025, "Your efficient RL framework secretly brings you off-policy RL training") correct that
+per token: the surrogate of token t is multiplied by w_i,t = min(π_old / π_engine, C), a constant.
+
 Normalization (how the per-token terms are averaged):
   "seq"    the formula above: a token mean within each output, then the mean over outputs (DeepSeekMath, R1).
            Every output weighs the same, so a token of a long output weighs less than one of a short output.
@@ -44,9 +49,11 @@ class LossStats:
 
 def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor | None, advantages: torch.Tensor,
               mask: torch.Tensor, clip_eps: float = 0.2, beta: float = 0.04, norm: str = "seq",
-              n_outputs: int | None = None, n_tokens: int | None = None) -> tuple[torch.Tensor, LossStats]:
+              n_outputs: int | None = None, n_tokens: int | None = None,
+              weights: torch.Tensor | None = None) -> tuple[torch.Tensor, LossStats]:
     """logp, old_logp, ref_logp, mask: (N, C) per completion token (mask: real tokens); advantages (N,).
-    ref_logp may be None when beta == 0. n_outputs / n_tokens: the minibatch's counts (default: these N)."""
+    ref_logp may be None when beta == 0. n_outputs / n_tokens: the minibatch's counts (default: these N).
+    weights: (N, C) truncated importance weights of the surrogate terms, or None (all 1)."""
     if norm not in NORMS:
         raise ValueError(f"loss normalization must be one of {NORMS}, got {norm!r}")
     m = mask.to(logp.dtype)
@@ -54,6 +61,8 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
     A = advantages.to(logp.dtype)[:, None]
     unclipped, clipped = ratio * A, ratio.clamp(1 - clip_eps, 1 + clip_eps) * A
     per_token = -torch.minimum(unclipped, clipped)
+    if weights is not None:
+        per_token = per_token * weights.detach()
     kl = torch.zeros_like(logp)
     if beta:
         log_r = ref_logp - logp                    # log(π_ref / π_θ)
