@@ -12,11 +12,15 @@ from .test_train import config, data_dir  # noqa: F401  (the module-scoped corpu
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
-@pytest.mark.parametrize("precision,compile", [("bf16", "true"), ("fp8", "false")])
-def test_trains_on_cuda(tmp_path, data_dir, precision, compile):  # noqa: F811
+@pytest.mark.parametrize("precision,compile,graphs", [
+    ("bf16", "true", "false"), ("fp8", "false", "false"),
+    pytest.param("bf16", "true", "true", marks=pytest.mark.xfail(
+        reason="H200 2026-12-01: a RuntimeError in the trainer with CUDA graphs on (its message was cut off; "
+               "bench/train.py's bf16 step, with the same per-forward step marks, runs with them)"))])
+def test_trains_on_cuda(tmp_path, data_dir, precision, compile, graphs):  # noqa: F811
     out = tmp_path / precision
     cfg = config(out, data_dir, "run.device=\"cuda\"", f"run.precision=\"{precision}\"", f"run.compile={compile}",
-                 "run.steps=24", "eval.every=0", "balance.alpha=0.0001")
+                 f"run.cuda_graphs={graphs}", "run.steps=24", "eval.every=0", "balance.alpha=0.0001")
     summary = Trainer(cfg).fit()
     ce = [r["ce"] for r in read(f"{out}/metrics.jsonl") if r["split"] == "train"]
     assert all(c == c for c in ce) and ce[-1] < ce[0] - 0.5, ce

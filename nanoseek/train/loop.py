@@ -78,11 +78,13 @@ class Trainer:
         self.model = self._parallelize(self.model)
         self.model.train()
         self.gates = self.model.moe_gates()
+        self.graphed = False   # blocks compiled with CUDA graphs
         if cfg.run.precision == "fp8":
             convert_to_fp8(self.model)  # in place around the same Parameters: optimizer and checkpoints unchanged
         elif cfg.run.compile and self.device.type == "cuda":
-            for block in self.model.layers:
-                block.compile()  # in place: state_dict keys stay those of the plain model
+            for block in self.model.layers:  # in place: state_dict keys stay those of the plain model
+                block.compile(mode="reduce-overhead" if cfg.run.cuda_graphs else None)
+            self.graphed = cfg.run.cuda_graphs
 
         o = cfg.optim
         self.optimizer = AdamW(self._param_groups(o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2),
@@ -151,6 +153,7 @@ class Trainer:
         sums, load = {}, None
         for micro in range(accum):
             x, y = self._micro_batch(s * accum + micro)
+            self._begin_forward()
             with self._autocast():
                 out = self.model.loss(x, y, mtp_lambda=lam, balance_alpha=cfg.balance.alpha)
             (out.total / accum).backward()
@@ -186,6 +189,13 @@ class Trainer:
         rec["time"] = dt
         return rec
 
+    def _begin_forward(self):
+        # with CUDA graphs, one forward is one step of torch's CUDA-graph trees: without the mark, a no-grad
+        # forward (evaluation) starts a new step at each compiled block and overwrites the output the next
+        # block is about to read
+        if self.graphed:
+            torch.compiler.cudagraph_mark_step_begin()
+
     def _autocast(self):
         if self.autocast:
             return torch.autocast("cuda", dtype=torch.bfloat16)
@@ -197,6 +207,7 @@ class Trainer:
         self.model.eval()
         losses = []
         for x, y in self.val_data.val_batches(self.cfg.eval.batches):
+            self._begin_forward()
             with self._autocast():
                 losses.append(self.model.loss(x.to(self.device), y.to(self.device)).ce.float())
         self.model.train()
