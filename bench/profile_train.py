@@ -1,19 +1,50 @@
-"""Where a nanoseek training step spends its time: top kernels of a few compiled steps (torch.profiler), and
-the step's wall time against the GPU's busy time (kernels summed), which says whether the step is host-bound.
+"""Where a nanoseek training step spends its time: GPU time per kind of kernel and the top kernels of a few
+compiled steps (torch.profiler), and the step's wall time against the GPU's busy time (kernels summed), which
+says whether the step is host-bound.
 
-    python bench/profile_train.py [--preset small] [--batch 8] [--seq 2048] [--fp8] [--rows 30]
+    python bench/profile_train.py [--preset small] [--batch 8] [--seq 2048] [--dtype bf16|fp32] [--fp8]
+                                  [--no-compile] [--compile-mode MODE] [--rows 30] [--trace]
+
+--dtype bf16 is bench/train.py's like-for-like run (bf16 weights and moments); fp32 is the trainer's default
+(fp32 master weights under bf16 autocast). --trace also writes a gzipped Chrome trace of one step to $OUT.
 """
 import argparse
+import gzip
 import os
+import re
+import shutil
 import sys
 import time
+from collections import defaultdict
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.common import cuda_time_ms, median, write_json  # noqa: E402
 from bench.train import batch, build_nanoseek, nanoseek_step_fn  # noqa: E402
 from nanoseek.config import preset  # noqa: E402
+
+# first match wins: kernel name -> kind
+KINDS = [
+    ("attention", r"flash|fmha|cudnn|attention|sdpa"),
+    ("grouped GEMM", r"grouped|_gmm|GroupProblemShape"),
+    ("GEMM", r"gemm|nvjet|xmma|cutlass|cublas|s\d+_\w*mma|wgmma"),
+    ("optimizer", r"multi_tensor|adam"),
+    ("sort / top-k / scan", r"sort|radix|topk|scan|cub::"),
+    ("index / scatter / gather", r"index|scatter|gather"),
+    ("fused (inductor)", r"^triton_"),
+    ("Triton (nanoseek)", r"^_"),
+    ("copy / cast / fill", r"copy|cast|fill|memcpy|memset|to_copy"),
+    ("elementwise (eager)", r"elementwise|vectorized|reduce"),
+]
+
+
+def kind_of(name: str) -> str:
+    for kind, pattern in KINDS:
+        if re.search(pattern, name, re.IGNORECASE):
+            return kind
+    return "other"
 
 
 def main():
@@ -21,18 +52,28 @@ def main():
     ap.add_argument("--preset", default="small")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--fp8", action="store_true", help="FP8 layers (fp8/convert.py), as run.precision = 'fp8'")
     ap.add_argument("--rows", type=int, default=30)
+    ap.add_argument("--trace", action="store_true")
+    ap.add_argument("--compile-mode", default="reduce-overhead",
+                    help="torch.compile mode of the blocks: reduce-overhead (CUDA graphs, the trainer's default) "
+                         "or default")
     args = ap.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = True
     cfg = preset(args.preset, num_nextn_predict_layers=0)
-    model = build_nanoseek(cfg, not args.no_compile, fp8=args.fp8)
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    mode = None if args.compile_mode == "default" else args.compile_mode
+    model = build_nanoseek(cfg, not args.no_compile, dtype=dtype, fp8=args.fp8, compile_mode=mode)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     x, y = batch(cfg, args.batch, args.seq)
     step = nanoseek_step_fn(model, opt, x, y)
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    step_ms = median(cuda_time_ms(step, 3, 10))
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    print(f"step {step_ms:.1f} ms (CUDA events, median of 10, no profiler), {args.batch * args.seq / step_ms * 1e3:,.0f} "
+          f"tokens/s, peak {peak:.1f} GiB")
     steps = 2
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         t0 = time.perf_counter()
@@ -41,11 +82,37 @@ def main():
         torch.cuda.synchronize()
         wall = (time.perf_counter() - t0) / steps * 1e3
     events = prof.key_averages()
-    print(events.table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=70))
+    print(events.table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=90))
     # kernels only (no annotations, which nest): their sum is the time the GPU was busy, streams not overlapping
-    busy = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA) / steps / 1e3
+    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy = sum(e.self_device_time_total for e in kernels) / steps / 1e3
+    by_kind, calls = defaultdict(float), defaultdict(int)
+    for e in kernels:
+        by_kind[kind_of(e.key)] += e.self_device_time_total / steps / 1e3
+        calls[kind_of(e.key)] += e.count // steps
+    print(f"\n{'kind':28s} {'ms/step':>8s} {'share':>6s} {'kernels':>8s}")
+    for kind, ms in sorted(by_kind.items(), key=lambda kv: -kv[1]):
+        print(f"{kind:28s} {ms:8.2f} {100 * ms / busy:5.1f}% {calls[kind]:8d}")
     print(f"step wall {wall:.1f} ms (under the profiler), GPU busy {busy:.1f} ms: "
-          f"{100 * busy / wall:.0f}% busy{', host-bound' if busy < 0.8 * wall else ''}")
+          f"{100 * busy / wall:.0f}% busy{', host-bound' if busy < 0.8 * wall else ''}; "
+          f"{sum(calls.values())} kernels per step")
+    top = sorted(kernels, key=lambda e: -e.self_device_time_total)[:80]
+    tag = "".join([args.dtype, "_fp8" if args.fp8 else "",
+                   f"_{args.compile_mode}" if not args.no_compile else "_eager"])
+    write_json(f"profile_{tag}.json", {
+        "args": vars(args), "step_ms": step_ms, "peak_gib": peak, "wall_ms": wall, "busy_ms": busy,
+        "by_kind": by_kind,
+        "top": [{"name": e.key[:200], "ms": e.self_device_time_total / steps / 1e3, "calls": e.count // steps}
+                for e in top]})
+    if args.trace and os.environ.get("OUT"):
+        with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as one:
+            step()
+            torch.cuda.synchronize()
+        path = os.path.join(os.environ["OUT"], f"trace_{tag}.json")
+        one.export_chrome_trace(path)
+        with open(path, "rb") as f, gzip.open(path + ".gz", "wb") as g:
+            shutil.copyfileobj(f, g)
+        os.remove(path)
     print(torch.cuda.memory_summary(abbreviated=True)[:1500])
 
 

@@ -1,12 +1,14 @@
 """Training throughput: nanoseek vs transformers' DeepseekV3ForCausalLM on identical weights (DESIGN.md §5).
 
-    python bench/train.py [--preset small] [--batch 8] [--seq 2048] [--no-compile] [--scaling]
+    python bench/train.py [--preset small] [--batch 8] [--seq 2048] [--no-compile] [--no-cuda-graphs]
+                          [--variants bf16,fp32,eager] [--scaling]
 
 Both models start from the same checkpoint; their first-step losses must agree. transformers runs as in
 DESIGN.md §4 (bf16 weights, sdpa, fused AdamW); nanoseek runs like for like (bf16 weights) and as its trainer
-does by default (fp32 master weights, bf16 autocast), both with fused AdamW and compiled blocks. Prints tokens/s, the ratio, "6N" MFU on activated parameters against the
-bf16 GEMM rate measured in the same run, and peak memory; then, with --scaling, tokens/s as n_routed_experts
-grows at fixed activated parameters.
+does by default (fp32 master weights, bf16 autocast), both with fused AdamW and compiled blocks replayed as CUDA
+graphs (the trainer's run.compile and run.cuda_graphs), and eager. Prints tokens/s, the ratio, "6N" MFU on
+activated parameters against the bf16 GEMM rate measured in the same run, and peak memory; then, with
+--scaling, tokens/s as n_routed_experts grows at fixed activated parameters.
 """
 import argparse
 import gc
@@ -33,6 +35,7 @@ def batch(cfg, B, T, seed=0):
 
 def nanoseek_step_fn(model, opt, x, y, mtp_lambda=0.0):
     def step():
+        torch.compiler.cudagraph_mark_step_begin()   # as the trainer does with run.cuda_graphs
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = model.loss(x, y, mtp_lambda=mtp_lambda, balance_alpha=1e-4).total
         loss.backward()
@@ -63,7 +66,7 @@ def measure(step, iters, warmup):
     return median(times), torch.cuda.max_memory_allocated() / 2**30
 
 
-def build_nanoseek(cfg, compile_blocks, state=None, dtype=torch.float32, fp8=False):
+def build_nanoseek(cfg, compile_blocks, state=None, dtype=torch.float32, fp8=False, compile_mode=None):
     torch._dynamo.reset()  # each model compiles afresh (shared code objects would pile up guards across models)
     torch.manual_seed(0)
     model = DeepSeekV3(cfg).cuda()
@@ -74,7 +77,7 @@ def build_nanoseek(cfg, compile_blocks, state=None, dtype=torch.float32, fp8=Fal
         convert_to_fp8(model)
     if compile_blocks:
         for block in model.layers:
-            block.compile()
+            block.compile(mode=compile_mode)
     return model
 
 
@@ -87,8 +90,12 @@ def main():
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--no-cuda-graphs", action="store_true", help="compiled blocks without CUDA graphs")
+    ap.add_argument("--variants", default="bf16,fp32,eager", help="nanoseek runs: bf16 (like for like), fp32 "
+                    "(fp32 master weights + autocast), eager (fp32 masters, not compiled)")
     ap.add_argument("--scaling", action="store_true")
     args = ap.parse_args()
+    mode = None if args.no_cuda_graphs else "reduce-overhead"
     torch.backends.cuda.matmul.allow_tf32 = True
     cfg = preset(args.preset, num_nextn_predict_layers=0)
     B, T = args.batch, args.seq
@@ -125,12 +132,16 @@ def main():
     del ref
 
     # like for like with transformers (bf16 weights and moments), then as nanoseek's trainer runs by default
-    variants = [("nanoseek (bf16 weights, compiled)", not args.no_compile, torch.bfloat16),
-                ("nanoseek (fp32 master, autocast, compiled)", not args.no_compile, torch.float32)]
-    if not args.no_compile:
-        variants.append(("nanoseek (fp32 master, autocast, eager)", False, torch.float32))
+    wanted = args.variants.split(",")
+    variants = [(name, comp, dtype) for key, name, comp, dtype in [
+        ("bf16", "nanoseek (bf16 weights, compiled)", not args.no_compile, torch.bfloat16),
+        ("fp32", "nanoseek (fp32 master, autocast, compiled)", not args.no_compile, torch.float32),
+        ("eager", "nanoseek (fp32 master, autocast, eager)", False, torch.float32)]
+        if key in wanted and (key != "eager" or not args.no_compile)]
     for name, comp, dtype in variants:
-        model = build_nanoseek(cfg, comp, state, dtype)
+        name = name.replace("compiled", "compiled, CUDA graphs") if mode else name
+        model = build_nanoseek(cfg, comp, state, dtype, compile_mode=mode)
+        torch.compiler.cudagraph_mark_step_begin()
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
             loss0 = model.loss(x, y).ce.item()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
@@ -161,7 +172,7 @@ def main():
         print(f"{'experts':>8s} {'total':>8s} {'activated':>10s} {'tokens/s':>10s} {'peak GiB':>9s}")
         for E in (8, 32, 64, 128, 256):
             c = cfg.replace(n_routed_experts=E)
-            model = build_nanoseek(c, not args.no_compile, dtype=torch.bfloat16)
+            model = build_nanoseek(c, not args.no_compile, dtype=torch.bfloat16, compile_mode=mode)
             opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
             ms, mem = measure(nanoseek_step_fn(model, opt, x, y), args.iters, args.warmup)
             n = count(c)
