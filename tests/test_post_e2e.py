@@ -72,6 +72,16 @@ def test_truncated_importance_weights_are_one_on_policy(base, tmp_path):
         GRPO(small_grpo(tis_cap=-1.0), base, str(tmp_path / "c"), device="cpu")
 
 
+def test_time_limit_ends_the_run_like_its_last_step(base, tmp_path):
+    """A run past its time_limit starts no further step, then evaluates, saves and exports as at its end."""
+    g = grpo(small_grpo(steps=5, time_limit=1e-6, checkpoint_every=0), base, str(tmp_path / "a"), device="cpu",
+             progress=False)
+    assert g["step"] == 1 and os.path.isfile(os.path.join(g["final"], "config.json"))
+    assert [r["step"] for r in read(str(tmp_path / "a" / "metrics.jsonl")) if r.get("split") == "val"] == [0, 1]
+    with pytest.raises(ValueError, match="time_limit"):
+        GRPO(small_grpo(time_limit=-1.0), base, str(tmp_path / "b"), device="cpu")
+
+
 def test_grpo_resume_is_exact(base, tmp_path):
     straight = GRPO(small_grpo(steps=2), base, str(tmp_path / "a"), device="cpu", log=lambda *a: None)
     straight.fit(progress=False)

@@ -40,6 +40,9 @@ class GRPOConfig:
     answer_pattern: str | None = knob(None, "regex whose last match (group 1) is the answer when there is no "
                                             "\\boxed{} (JSONL tasks)")
     steps: int = knob(100, "GRPO steps (rollout batches)")
+    time_limit: float = knob(0.0, "seconds after which no further step starts (counted from the start of this "
+                                  "invocation, evaluations included); the run then evaluates, saves and exports "
+                                  "as at its last step. 0: no limit")
     prompts_per_step: int = knob(32, "training problems per step")
     group_size: int = knob(8, "G: samples per problem")
     max_new_tokens: int = knob(96, "longest response")
@@ -71,6 +74,8 @@ class GRPOConfig:
             raise ValueError(f"loss_norm must be one of {NORMS}, got {self.loss_norm!r}")
         if self.group_size < 2:
             raise ValueError("group_size must be at least 2: advantages compare samples of one prompt")
+        if self.time_limit < 0:
+            raise ValueError(f"time_limit must be 0 (none) or positive seconds, got {self.time_limit}")
         if self.tis_cap < 0:
             raise ValueError(f"tis_cap must be 0 (off) or positive, got {self.tis_cap}")
         if (self.prompts_per_step * self.group_size) % self.minibatches:
@@ -222,11 +227,11 @@ class GRPO:
                 summary.setdefault("start_pass@1", scores["pass@1"])
                 summary["pass@1"] = scores["pass@1"]
 
-        records = []
+        records, start = [], time.time()
         try:
             if run.step == 0:
                 validate()
-            while run.step < cfg.steps:
+            while run.step < cfg.steps and not (records and 0 < cfg.time_limit <= time.time() - start):
                 rec = self.step()
                 records.append(rec)
                 metrics.log(rec)
