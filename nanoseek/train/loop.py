@@ -151,9 +151,9 @@ class Trainer:
 
         accum = cfg.optim.grad_accum
         sums, load = {}, None
+        self._begin_graph_step()   # once per optimizer step: the micro-batches' gradients accumulate in graph memory
         for micro in range(accum):
             x, y = self._micro_batch(s * accum + micro)
-            self._begin_forward()
             with self._autocast():
                 out = self.model.loss(x, y, mtp_lambda=lam, balance_alpha=cfg.balance.alpha)
             (out.total / accum).backward()
@@ -189,10 +189,12 @@ class Trainer:
         rec["time"] = dt
         return rec
 
-    def _begin_forward(self):
-        # with CUDA graphs, one forward is one step of torch's CUDA-graph trees: without the mark, a no-grad
-        # forward (evaluation) starts a new step at each compiled block and overwrites the output the next
-        # block is about to read
+    def _begin_graph_step(self):
+        # With CUDA graphs, torch's graph trees reuse the memory of a step's graph outputs in the next step, so a
+        # step must span everything that reads them: an optimizer step's forwards and backwards, whose parameter
+        # gradients are backward-graph outputs that later micro-batches accumulate into, or one evaluation
+        # forward. Unmarked, a no-grad forward would start a new step at each compiled block (overwriting the
+        # input of the next), and a micro-batch's forward would overwrite the gradients of the previous one.
         if self.graphed:
             torch.compiler.cudagraph_mark_step_begin()
 
@@ -207,7 +209,7 @@ class Trainer:
         self.model.eval()
         losses = []
         for x, y in self.val_data.val_batches(self.cfg.eval.batches):
-            self._begin_forward()
+            self._begin_graph_step()
             with self._autocast():
                 losses.append(self.model.loss(x.to(self.device), y.to(self.device)).ce.float())
         self.model.train()
