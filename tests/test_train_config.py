@@ -68,13 +68,19 @@ def test_lr_schedules():
     assert [piecewise(s, 10, 0.3, 0.1, 0.7) for s in (0, 6, 7, 9)] == [0.3, 0.3, 0.1, 0.1]
 
 
-def test_adamw_matches_torch():
+@pytest.mark.parametrize("fused", [True, False])
+def test_adamw_matches_torch(fused, monkeypatch):
+    """Both ways of stepping (torch's fused kernel for fp32 moments on plain tensors, foreach ops otherwise, e.g.
+    for FSDP2's DTensors) give torch's AdamW."""
+    if not fused:
+        monkeypatch.setattr(AdamW, "_fusable", lambda self, params: False)
     torch.manual_seed(0)
     ref = torch.nn.Linear(8, 4)
     ours = torch.nn.Linear(8, 4)
     ours.load_state_dict(ref.state_dict())
     opt_ref = torch.optim.AdamW(ref.parameters(), lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
     opt = AdamW(ours.parameters(), lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    assert opt._fusable(list(ours.parameters())) == fused
     for _ in range(5):
         x = torch.randn(16, 8)
         for m, o in ((ref, opt_ref), (ours, opt)):

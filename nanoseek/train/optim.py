@@ -2,7 +2,10 @@
 instead of FP32 to track the first and second moments in the AdamW optimizer, without incurring observable
 performance degradation").
 
-The update is always computed in fp32: bf16 moments are widened, updated and rounded back once per step.
+The update is always computed in fp32: bf16 moments are widened, updated and rounded back once per step. With
+fp32 moments on plain (unsharded) tensors the step is torch's fused AdamW kernel: one pass reading p, g, m, v and
+writing p, m, v, against about 2.5 times those bytes for the eight foreach passes (at `small`, 885M fp32
+parameters, the optimizer is memory-bound: 25 GB a step fused).
 """
 import math
 
@@ -24,6 +27,14 @@ class AdamW(torch.optim.Optimizer):
                 continue
             lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
             states = [self._state(p) for p in params]
+            if self._fusable(params):
+                # same update as below; the kernel takes each parameter's step count as a tensor
+                steps = {n: torch.tensor(float(n), device=params[0].device) for n in {s["step"] for s in states}}
+                torch._fused_adamw_(params, [p.grad for p in params], [s["exp_avg"] for s in states],
+                                    [s["exp_avg_sq"] for s in states], [], [steps[s["step"]] for s in states],
+                                    lr=lr, beta1=b1, beta2=b2, weight_decay=wd, eps=eps, amsgrad=False,
+                                    maximize=False)
+                continue
             grads = [p.grad.float() for p in params]
             m = [s["exp_avg"].float() for s in states]      # the moments themselves when fp32, copies when bf16
             v = [s["exp_avg_sq"].float() for s in states]
@@ -41,6 +52,11 @@ class AdamW(torch.optim.Optimizer):
             torch._foreach_div_(denom, [math.sqrt(1 - b2 ** s["step"]) for s in states])
             torch._foreach_add_(denom, eps)
             torch._foreach_addcdiv_(params, m, denom, [-lr / (1 - b1 ** s["step"]) for s in states])
+
+    def _fusable(self, params: list[torch.Tensor]) -> bool:
+        device = params[0].device
+        return self.moment_dtype == torch.float32 and device.type in ("cuda", "cpu") and all(
+            type(p.data) is torch.Tensor and p.device == device and p.dtype == torch.float32 for p in params)
 
     def _state(self, p: torch.Tensor) -> dict:
         s = self.state[p]
