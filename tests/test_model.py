@@ -136,6 +136,8 @@ def test_chunked_cross_entropy_matches_plain():
     assert all(torch.allclose(a, b) for a, b in zip(grads, grads_ref))
     (gw,) = torch.autograd.grad(chunked_cross_entropy(h.detach(), w, labels, chunk_rows=32), [w])
     assert torch.allclose(gw, grads_ref[1] / 2.5)
+    with torch.no_grad():   # evaluation: the loss alone, no gradients computed
+        assert torch.allclose(chunked_cross_entropy(h, w, labels, chunk_rows=32), ref)
 
 
 def test_attention_masked_path_equals_causal_path():

@@ -31,11 +31,12 @@ _chunk_loss_grad_cuda = torch.compile(_chunk_loss_grad, dynamic=False)
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, weight, labels, ignore_index, chunk_rows):
+    def forward(ctx, h, weight, labels, ignore_index, chunk_rows, grad_enabled):
         device = h.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
         hc, w = h.to(dtype), weight.to(dtype)
-        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        # needs_input_grad ignores no_grad mode: grad_enabled (the caller's mode) spares evaluation the gradients
+        want_h, want_w = (ctx.needs_input_grad[0], ctx.needs_input_grad[1]) if grad_enabled else (False, False)
         fn = _chunk_loss_grad_cuda if h.is_cuda else _chunk_loss_grad
         total = torch.zeros((), dtype=torch.promote_types(dtype, torch.float32), device=h.device)
         grad_h = torch.empty_like(hc) if want_h else None
@@ -57,7 +58,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         gh = None if grad_h is None else (grad_h * grad_out).to(ctx.dtypes[0])
         gw = None if grad_w is None else (grad_w * grad_out).to(ctx.dtypes[1])
-        return gh, gw, None, None, None
+        return gh, gw, None, None, None, None
 
 
 def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
@@ -65,5 +66,6 @@ def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: torch.T
     """mean CE of softmax(h Wᵀ) against labels over the rows whose label is not ignore_index.
     h (..., H), weight (V, H), labels (...)."""
     labels = labels.reshape(-1)
-    total = _LinearCrossEntropy.apply(h.reshape(-1, h.shape[-1]), weight, labels, ignore_index, chunk_rows)
+    total = _LinearCrossEntropy.apply(h.reshape(-1, h.shape[-1]), weight, labels, ignore_index, chunk_rows,
+                                      torch.is_grad_enabled())
     return total / (labels != ignore_index).sum().clamp(min=1)
