@@ -26,6 +26,17 @@ from nanoseek.post.rewards import score  # noqa: E402
 from nanoseek.post.rollout import sample  # noqa: E402
 
 
+OTHER_SEED = 987_654_321   # training problems that no GRPO step of seed 0 is likely to draw
+
+
+def sampled_accuracy(g: GRPO, problems, samples: int, max_new: int) -> float:
+    """T = 1 accuracy of g's current policy over `samples` samples per problem, with fixed seeds (common random
+    numbers: two calls before and after a change differ by the change, not by sampling noise)."""
+    groups = sample(g.engine, prompts_of(g.tok, g.task, problems), samples, max_new, seed=99)
+    return sum(score(c.text, g.task, p, 0).accuracy for grp, p in zip(groups, problems)
+               for c in grp) / (samples * len(problems))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--ckpt", default="runs/posttrain/sft/final")
@@ -52,16 +63,10 @@ def main():
             elif opt != "adam":
                 raise ValueError(f"optimizer must be adam or sgd, got {opt!r}")
             own = g._problems(0)
-            other = g.task.problems("train", args.prompts, seed=987_654_321)
-
-            def accuracy(problems):
-                groups = sample(g.engine, prompts_of(g.tok, g.task, problems), args.probe, args.new, seed=99)
-                return sum(score(c.text, g.task, p, 0).accuracy for grp, p in zip(groups, problems)
-                           for c in grp) / (args.probe * len(problems))
-
-            before = accuracy(own), accuracy(other)
+            other = g.task.problems("train", args.prompts, seed=OTHER_SEED)
+            before = sampled_accuracy(g, own, args.probe, args.new), sampled_accuracy(g, other, args.probe, args.new)
             rec = g.step()
-            after = accuracy(own), accuracy(other)
+            after = sampled_accuracy(g, own, args.probe, args.new), sampled_accuracy(g, other, args.probe, args.new)
         finally:
             shutil.rmtree(out, ignore_errors=True)
         results["runs"].append({"optimizer": opt, "lr": float(lr), "own": [before[0], after[0]],
