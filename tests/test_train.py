@@ -86,6 +86,21 @@ def test_learns_logs_and_balances(tmp_path, data_dir):
     assert train[-1]["gamma"] == 0.0 and train[-2]["gamma"] == 0.01
 
 
+def test_one_cuda_graph_step_per_optimizer_step(tmp_path, data_dir, monkeypatch):
+    """With run.cuda_graphs the trainer marks one CUDA-graph step per optimizer step, however many micro-batches
+    it accumulates (their gradients live in graph memory until the optimizer has used them), and one per
+    evaluation batch. Counted on CPU, where the marks are the only part of graph mode that runs."""
+    marks = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    trainer = Trainer(config(tmp_path / "run", data_dir, "run.steps=2"))   # grad_accum 2
+    trainer.graphed = True
+    trainer.train_step()
+    trainer.train_step()
+    assert len(marks) == 2
+    trainer.evaluate()                                                       # eval.batches 2
+    assert len(marks) == 4
+
+
 def test_sigterm_saves_and_exits_cleanly(tmp_path, data_dir, monkeypatch):
     run = tmp_path / "run"
     trainer = Trainer(config(run, data_dir))
