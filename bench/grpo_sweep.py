@@ -7,8 +7,8 @@ configs with the given fields replaced; runs sharing an SFT length share its SFT
 A run's "sft" is an SFT length from runs/demo/final (`nanoseek demo`), or its "init" names a checkpoint to start
 GRPO from directly. Runs share the GPU, so their times are not one run's; held-out accuracy (greedy, every
 eval_every steps) goes to each run's log and metrics.jsonl under runs/sweep/. With --seconds the runs are stopped
-after S seconds; either way each run's held-out accuracies and its mean train reward per eval interval are printed
-from its metrics.jsonl.
+after S seconds (a run's own "time_limit" instead ends it like its last step, with a final evaluation); either way
+each run's held-out accuracies and its mean train reward per eval interval are printed from its metrics.jsonl.
 """
 import dataclasses
 import json

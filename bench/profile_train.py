@@ -72,8 +72,8 @@ def main():
     torch.cuda.reset_peak_memory_stats()
     step_ms = median(cuda_time_ms(step, 3, 10))
     peak = torch.cuda.max_memory_allocated() / 2**30
-    print(f"step {step_ms:.1f} ms (CUDA events, median of 10, no profiler), {args.batch * args.seq / step_ms * 1e3:,.0f} "
-          f"tokens/s, peak {peak:.1f} GiB")
+    print(f"step {step_ms:.1f} ms (CUDA events, median of 10, no profiler), "
+          f"{args.batch * args.seq / step_ms * 1e3:,.0f} tokens/s, peak {peak:.1f} GiB")
     steps = 2
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         t0 = time.perf_counter()

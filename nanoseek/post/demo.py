@@ -111,7 +111,8 @@ def main(base: str = "runs/demo", out: str = "runs/posttrain", device: str = "au
     sampled = st["grpo"].get("pass_at_1") or [None, None]
     if None not in sampled:
         print(f"  pass@1 at T = 0.6 over GRPO: {sampled[0]:.1%} -> {sampled[1]:.1%}")
-    print(f"GRPO over SFT: {gain * 100:+.1f} points greedy; rollouts {st['grpo']['rollout_tokens_per_s']:.0f} tokens/s, "
+    print(f"GRPO over SFT: {gain * 100:+.1f} points greedy; "
+          f"rollouts {st['grpo']['rollout_tokens_per_s']:.0f} tokens/s, "
           f"{st['grpo']['gen_share']:.0%} of GRPO step time generating; curves {st['grpo']['plot']}")
     print(f"total {time.time() - start:.0f} s this run; summary {summary_path}")
     return summary

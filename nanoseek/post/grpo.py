@@ -14,8 +14,8 @@ One step:
 Metrics per step (progress bar, metrics.jsonl, plot): reward, accuracy, format, response length, KL, clip
 fraction, the rollouts' KL to π_old (engine against trainer numerics: near 0 when on-policy), rollout tokens/s
 and the share of the step spent generating; held-out accuracy (greedy, and pass@1 / maj@k over eval_samples
-samples at T = 0.6) every eval_every steps. Checkpoints every checkpoint_every steps resume exactly: the problems of a step and the
-seeds of its samples are functions of (seed, step).
+samples at T = 0.6) every eval_every steps. Checkpoints every checkpoint_every steps resume exactly: the problems
+of a step and the seeds of its samples are functions of (seed, step).
 """
 from __future__ import annotations
 

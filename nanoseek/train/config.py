@@ -39,7 +39,8 @@ class Run:
     cuda_graphs: bool = knob(False, "with compile: replay each compiled block as CUDA graphs (torch.compile's "
                                     "'reduce-overhead' mode), so the step is not bound by the host launching "
                                     "kernels (bench/train.py, `small` on an H200: 70 ms/step with them, 87 "
-                                    "without). Off until the trainer's GPU test passes with it (tests/test_train_gpu.py)")
+                                    "without). Off until the trainer's GPU test passes with it "
+                                    "(tests/test_train_gpu.py)")
     threads: int = knob(0, "CPU threads for torch; 0 keeps torch's default")
 
 
