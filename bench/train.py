@@ -25,6 +25,7 @@ from nanoseek.fp8 import convert_to_fp8  # noqa: E402
 from nanoseek.info import count  # noqa: E402
 from nanoseek.io import save_hf  # noqa: E402
 from nanoseek.model import DeepSeekV3  # noqa: E402
+from nanoseek.train.recompute import apply_recompute  # noqa: E402
 
 
 def batch(cfg, B, T, seed=0):
@@ -66,7 +67,8 @@ def measure(step, iters, warmup):
     return median(times), torch.cuda.max_memory_allocated() / 2**30
 
 
-def build_nanoseek(cfg, compile_blocks, state=None, dtype=torch.float32, fp8=False, compile_mode=None):
+def build_nanoseek(cfg, compile_blocks, state=None, dtype=torch.float32, fp8=False, compile_mode=None,
+                   recompute="none"):
     torch._dynamo.reset()  # each model compiles afresh (shared code objects would pile up guards across models)
     torch.manual_seed(0)
     model = DeepSeekV3(cfg).cuda()
@@ -75,6 +77,7 @@ def build_nanoseek(cfg, compile_blocks, state=None, dtype=torch.float32, fp8=Fal
     model.to(dtype)
     if fp8:
         convert_to_fp8(model)
+    apply_recompute(model, recompute)
     if compile_blocks:
         for block in model.layers:
             block.compile(mode=compile_mode)
@@ -92,7 +95,8 @@ def main():
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--no-cuda-graphs", action="store_true", help="compiled blocks without CUDA graphs")
     ap.add_argument("--variants", default="bf16,fp32,eager", help="nanoseek runs: bf16 (like for like), fp32 "
-                    "(fp32 master weights + autocast), eager (fp32 masters, not compiled)")
+                    "(fp32 master weights + autocast), eager (fp32 masters, not compiled); a suffix :MODE adds run.recompute MODE "
+                    "(e.g. bf16:v3)")
     ap.add_argument("--scaling", action="store_true")
     args = ap.parse_args()
     mode = None if args.no_cuda_graphs else "reduce-overhead"
@@ -132,15 +136,15 @@ def main():
     del ref
 
     # like for like with transformers (bf16 weights and moments), then as nanoseek's trainer runs by default
-    wanted = args.variants.split(",")
-    variants = [(name, comp, dtype) for key, name, comp, dtype in [
-        ("bf16", "nanoseek (bf16 weights, compiled)", not args.no_compile, torch.bfloat16),
-        ("fp32", "nanoseek (fp32 master, autocast, compiled)", not args.no_compile, torch.float32),
-        ("eager", "nanoseek (fp32 master, autocast, eager)", False, torch.float32)]
-        if key in wanted and (key != "eager" or not args.no_compile)]
-    for name, comp, dtype in variants:
-        name = name.replace("compiled", "compiled, CUDA graphs") if mode else name
-        model = build_nanoseek(cfg, comp, state, dtype, compile_mode=mode)
+    kinds = {"bf16": ("bf16 weights", not args.no_compile, torch.bfloat16),
+             "fp32": ("fp32 master, autocast", not args.no_compile, torch.float32),
+             "eager": ("fp32 master, autocast", False, torch.float32)}
+    for variant in args.variants.split(","):
+        key, _, recompute = variant.partition(":")
+        weights, comp, dtype = kinds[key]
+        how = ("compiled, CUDA graphs" if mode else "compiled") if comp else "eager"
+        name = f"nanoseek ({weights}, {how}" + (f", recompute {recompute})" if recompute else ")")
+        model = build_nanoseek(cfg, comp, state, dtype, compile_mode=mode, recompute=recompute or "none")
         torch.compiler.cudagraph_mark_step_begin()
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
             loss0 = model.loss(x, y).ce.item()

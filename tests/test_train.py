@@ -86,6 +86,15 @@ def test_learns_logs_and_balances(tmp_path, data_dir):
     assert train[-1]["gamma"] == 0.0 and train[-2]["gamma"] == 0.01
 
 
+def test_recompute_trains_identically(tmp_path, data_dir):
+    """run.recompute changes what backward stores, not what it computes: the same records and weights as without."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    Trainer(config(a, data_dir, "run.steps=4")).fit()
+    Trainer(config(b, data_dir, "run.steps=4", "run.recompute=\"v3\"")).fit()
+    assert train_records(a) == train_records(b)
+    assert_same_weights(a / "final", b / "final")
+
+
 def test_one_cuda_graph_step_per_optimizer_step(tmp_path, data_dir, monkeypatch):
     """With run.cuda_graphs the trainer marks one CUDA-graph step per optimizer step, however many micro-batches
     it accumulates (their gradients live in graph memory until the optimizer has used them), and one per

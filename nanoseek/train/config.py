@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import PRESETS, ModelConfig, preset
+from .recompute import MODES
 
 
 def knob(default, doc: str):
@@ -40,6 +41,10 @@ class Run:
                                    "'reduce-overhead' mode), so the step is not bound by the host launching "
                                    "kernels (bench/train.py, `small` on an H200: 71 ms/step with them, 87 "
                                    "without); costs graph memory and a longer first step")
+    recompute: str = knob("none", "activation recomputation in backward (train/recompute.py, V3 §3.2.3): 'none'; "
+                                  "'cheap' keeps only GEMM and attention outputs (norms, RoPE, SwiGLU output, MoE "
+                                  "permutations recomputed); 'v3' also recomputes the MLA up-projections; 'full' "
+                                  "reruns each block")
     threads: int = knob(0, "CPU threads for torch; 0 keeps torch's default")
 
 
@@ -159,6 +164,8 @@ class TrainConfig:
              "must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
         need(r.threads >= 0, "run.threads", "must be >= 0")
         need(r.precision in ("bf16", "fp32", "fp8"), "run.precision", "must be 'bf16', 'fp32' or 'fp8'")
+        need(r.recompute in MODES, "run.recompute",
+             "must be " + ", ".join(f"'{m}'" for m in MODES[:-1]) + f" or '{MODES[-1]}'")
         need(self.model.preset in PRESETS or bool(self.model.config), "model.preset",
              f"must be one of {', '.join(PRESETS)}")
         need(bool(d.dir), "data.dir", "must name a directory written by `nanoseek prepare`")

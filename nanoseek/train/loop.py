@@ -33,6 +33,7 @@ from .config import TrainConfig, load
 from .ema import EMA
 from .metrics import Metrics, truncate_after
 from .optim import AdamW, param_groups
+from .recompute import apply_recompute
 from .schedule import learning_rate, piecewise
 
 
@@ -81,7 +82,8 @@ class Trainer:
         self.graphed = False   # blocks compiled with CUDA graphs
         if cfg.run.precision == "fp8":
             convert_to_fp8(self.model)  # in place around the same Parameters: optimizer and checkpoints unchanged
-        elif cfg.run.compile and self.device.type == "cuda":
+        apply_recompute(self.model, cfg.run.recompute)
+        if cfg.run.compile and self.device.type == "cuda" and cfg.run.precision != "fp8":
             for block in self.model.layers:  # in place: state_dict keys stay those of the plain model
                 block.compile(mode="reduce-overhead" if cfg.run.cuda_graphs else None)
             self.graphed = cfg.run.cuda_graphs
