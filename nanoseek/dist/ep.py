@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ..model.moe import Experts, MoE, permute_rows
+from ..model.moe import Experts, MoE, gather_rows
 
 
 class _AllToAll(torch.autograd.Function):
@@ -116,16 +116,16 @@ class EPExperts(Experts):
 
     # the three stages of one micro-batch (with handle: launched async, finished by _wait)
     def _dispatch(self, rows, plan, handle=None):
-        sent = permute_rows(rows, plan.order, plan.inverse)
+        sent = gather_rows(rows, plan.order, plan.inverse)
         return _AllToAll.apply(sent, plan.out_splits, plan.in_splits, self.group, handle)
 
     def _compute(self, received, plan):
-        local = permute_rows(received, plan.regroup, plan.ungroup)
-        return permute_rows(self.forward_sorted(local, plan.counts), plan.ungroup, plan.regroup)
+        local = gather_rows(received, plan.regroup, plan.ungroup)
+        return gather_rows(self.forward_sorted(local, plan.counts), plan.ungroup, plan.regroup)
 
     def _combine(self, y, plan, handle=None):
         back = _AllToAll.apply(y, plan.in_splits, plan.out_splits, self.group, handle)
-        return back if handle is not None else permute_rows(back, plan.inverse, plan.order)
+        return back if handle is not None else gather_rows(back, plan.inverse, plan.order)
 
     def _pipelined(self, rows: list, indices: list) -> list:
         """Two micro-batches: dispatch(1) ‖ compute(0), combine(0) ‖ compute(1). Every rank issues the
@@ -139,7 +139,7 @@ class EPExperts(Experts):
         back1 = self._combine(y1, plans[1], h[3])
         out = []
         for back, p, hd in zip((back0, back1), plans, h[2:]):
-            out.append(permute_rows(_Wait.apply(back, hd), p.inverse, p.order))
+            out.append(gather_rows(_Wait.apply(back, hd), p.inverse, p.order))
         return out
 
 

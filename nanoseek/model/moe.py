@@ -109,27 +109,31 @@ class Experts(nn.Module):
         inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
         counts = torch.zeros(self.n_experts, dtype=torch.long, device=x.device).scatter_add_(
             0, flat, torch.ones_like(flat))
-        x_sorted = permute_rows(x[:, None].expand(N, K, x.shape[-1]).reshape(N * K, -1), order, inverse)
-        y = permute_rows(self.forward_sorted(x_sorted, counts), inverse, order).view(N, K, -1)
+        x_sorted = gather_rows(x, order, inverse, K)                 # token order[j] // K for sorted row j
+        y = gather_rows(self.forward_sorted(x_sorted, counts), inverse, order).view(N, K, -1)
         return (y * weights[..., None].to(y.dtype)).sum(dim=1)   # weighted sum over the K slots
 
 
-class _PermuteRows(torch.autograd.Function):
-    """rows = x[perm]; its gradient is a gather by the inverse permutation (no scatter-add, deterministic)."""
+class _GatherRows(torch.autograd.Function):
+    """rows = x[index // k], where index is a permutation of x.shape[0]·k rows (k copies of each row of x).
+    The gradient gathers by the inverse permutation and sums each row's k copies: no scatter-add, deterministic,
+    and the k copies of x are never materialized."""
 
     @staticmethod
-    def forward(ctx, x, perm, inverse):
+    def forward(ctx, x, index, inverse, k):
         ctx.save_for_backward(inverse)
-        return x[perm]
+        ctx.k = k
+        return x[index // k] if k > 1 else x[index]
 
     @staticmethod
     def backward(ctx, grad):
         (inverse,) = ctx.saved_tensors
-        return grad[inverse], None, None
+        g = grad[inverse]
+        return (g.view(-1, ctx.k, g.shape[-1]).sum(1) if ctx.k > 1 else g), None, None, None
 
 
-def permute_rows(x: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
-    return _PermuteRows.apply(x, perm, inverse)
+def gather_rows(x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor, k: int = 1) -> torch.Tensor:
+    return _GatherRows.apply(x, index, inverse, k)
 
 
 class MoE(nn.Module):
