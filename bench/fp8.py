@@ -1,12 +1,14 @@
 """FP8 training (DeepSeek-V3 §3.3) against BF16 on one GPU, in one run (issue #5):
 
-    python3 bench/fp8.py [--parts abc] [--steps 1000]
+    python3 bench/fp8.py [--parts abc] [--steps 1000] [--compile]
 
 (a) GEMM TFLOP/s, quantization included, for the linear layers of one training step of `small` and of a wider
     config (hidden 4096): FP8 (fp32 master weight, Fprop + Dgrad + Wgrad and every quantization) against bf16
     GEMMs on bf16 weights, per shape and weighted over the model; FP8 outputs are checked against the exact
     emulation and the path each GEMM took (cuBLAS `_scaled_mm`, Triton, emulation) is reported.
-(b) training tokens/s, FP8 against BF16 (fp32 master weights, bf16 autocast, fused AdamW), both configs.
+(b) training tokens/s, FP8 against BF16 (fp32 master weights, bf16 autocast, fused AdamW), both configs; with
+    --compile both models' blocks are compiled (no CUDA graphs: the FP8 GEMMs, opaque to torch.compile, split
+    each block into several graphs around them).
 (c) ≥ 1000 steps of FP8 and of BF16 from the same init and data (a fixed random bigram source generated here),
     the relative loss difference over the last 100 steps, and a PNG of both curves.
 Targets (issue #5): (a) ≥ 1.4× bf16 at the wide shapes, (b) ≥ 1.2× on the wide config, (c) < 0.25%.
@@ -162,7 +164,7 @@ def train_step_fn(model, opt, x, y):
     return step
 
 
-def part_b(results, iters=8):
+def part_b(results, compile_blocks=False, iters=8):
     for cname, (cfg, B, T) in CONFIGS.items():
         g = torch.Generator(device="cuda").manual_seed(0)
         ids = torch.randint(0, cfg.vocab_size, (B, T + 1), device="cuda", generator=g)
@@ -170,7 +172,11 @@ def part_b(results, iters=8):
         n_act = count(cfg)["activated"]
         runs = {}
         for label, fp8 in (("bf16", False), ("fp8", True)):
+            torch._dynamo.reset()
             model = build(cfg, fp8)
+            if compile_blocks:
+                for block in model.layers:
+                    block.compile()
             opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
             with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
                 loss0 = model.loss(x, y).ce.item()
@@ -189,7 +195,8 @@ def part_b(results, iters=8):
             print(f"{label:6s} {r['ms']:9.1f} {r['tokens_per_s']:10.0f} {r['model_tflops']:10.0f} "
                   f"{r['peak_gib']:9.1f} {r['first_loss']:10.4f}")
         print(f"FP8 / BF16 tokens/s: {speedup:.2f}x (target >= 1.2x at wide)")
-        results[cname] = {"batch": B, "seq": T, "activated_params": n_act, "runs": runs, "speedup": speedup}
+        results[cname] = {"batch": B, "seq": T, "activated_params": n_act, "runs": runs, "speedup": speedup,
+                          "compiled": compile_blocks}
 
 
 # ---- (c) loss curves ---------------------------------------------------------------------------------------
@@ -299,9 +306,10 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--parts", default="abc")
     ap.add_argument("--steps", type=int, default=1000)
+    ap.add_argument("--compile", action="store_true", help="(b): compile both models' blocks")
     args = ap.parse_args()
     print(env(), flush=True)
-    parts = {"a": ("fp8_gemm.json", part_a, ()), "b": ("fp8_train.json", part_b, ()),
+    parts = {"a": ("fp8_gemm.json", part_a, ()), "b": ("fp8_train.json", part_b, (args.compile,)),
              "c": ("fp8_loss.json", part_c, (args.steps,))}
     summary = {}
     for p in args.parts:

@@ -1,5 +1,6 @@
 """The trainer on CUDA (run on the device machine: pytest -m gpu tests/test_train_gpu.py): bf16 autocast with
-compiled blocks, and FP8 GEMMs, both learn and export a loadable HF checkpoint."""
+compiled blocks (with and without CUDA graphs and recomputation), and FP8 GEMMs, all learn and export a loadable
+HF checkpoint."""
 import pytest
 import torch
 
@@ -12,12 +13,14 @@ from .test_train import config, data_dir  # noqa: F401  (the module-scoped corpu
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
-@pytest.mark.parametrize("precision,compile,graphs", [
-    ("bf16", "true", "false"), ("bf16", "true", "true"), ("fp8", "false", "false")])
-def test_trains_on_cuda(tmp_path, data_dir, precision, compile, graphs):  # noqa: F811
+@pytest.mark.parametrize("precision,compile,graphs,recompute", [
+    ("bf16", "true", "false", "none"), ("bf16", "true", "true", "none"), ("bf16", "true", "true", "v3"),
+    ("fp8", "false", "false", "none")])
+def test_trains_on_cuda(tmp_path, data_dir, precision, compile, graphs, recompute):  # noqa: F811
     out = tmp_path / precision
     cfg = config(out, data_dir, "run.device=\"cuda\"", f"run.precision=\"{precision}\"", f"run.compile={compile}",
-                 f"run.cuda_graphs={graphs}", "run.steps=24", "eval.every=12", "balance.alpha=0.0001")
+                 f"run.cuda_graphs={graphs}", f"run.recompute=\"{recompute}\"", "run.steps=24", "eval.every=12",
+                 "balance.alpha=0.0001")
     summary = Trainer(cfg).fit()
     ce = [r["ce"] for r in read(f"{out}/metrics.jsonl") if r["split"] == "train"]
     assert all(c == c for c in ce) and ce[-1] < ce[0] - 0.5, ce
