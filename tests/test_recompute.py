@@ -68,3 +68,18 @@ def test_fp8_layers_recompute_to_the_same_gradients():
     assert ref.keys() == cheap.keys()
     for name in ref:
         torch.testing.assert_close(cheap[name], ref[name], rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_compiled_blocks_recompute_to_the_same_gradients():
+    """As the trainer runs on CUDA: recomputation applied, then each block compiled (the policy then runs while
+    torch.compile traces, where the MLA up-projections are known by their GEMM shapes)."""
+    torch._dynamo.reset()
+    model = random_model(CFG).train()
+    apply_recompute(model, "v3")
+    for block in model.layers:
+        block.compile()
+    ids = torch.randint(0, CFG.vocab_size, (2, 65), generator=torch.Generator().manual_seed(1))
+    model.loss(ids[:, :-1], ids[:, 1:], mtp_lambda=0.3, balance_alpha=1e-3).total.backward()
+    _, ref, _ = _run("none")
+    for name, g in ref.items():
+        torch.testing.assert_close(dict(model.named_parameters())[name].grad, g, rtol=1e-5, atol=1e-6, msg=name)
