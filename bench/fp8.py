@@ -1,6 +1,6 @@
 """FP8 training (DeepSeek-V3 §3.3) against BF16 on one GPU, in one run (issue #5):
 
-    python3 bench/fp8.py [--parts abc] [--steps 1000] [--compile]
+    python3 bench/fp8.py [--parts abc] [--steps 1000] [--compile | --graph]
 
 (a) GEMM TFLOP/s, quantization included, for the linear layers of one training step of `small` and of a wider
     config (hidden 4096): FP8 (fp32 master weight, Fprop + Dgrad + Wgrad and every quantization) against bf16
@@ -8,7 +8,8 @@
     emulation and the path each GEMM took (cuBLAS `_scaled_mm`, Triton, emulation) is reported.
 (b) training tokens/s, FP8 against BF16 (fp32 master weights, bf16 autocast, fused AdamW), both configs; with
     --compile both models' blocks are compiled (no CUDA graphs: the FP8 GEMMs, opaque to torch.compile, split
-    each block into several graphs around them).
+    each block into several graphs around them); with --graph the whole eager step (forward, backward, AdamW) of
+    both models is captured once as a CUDA graph and replayed, so no host work is left in the timed step.
 (c) ≥ 1000 steps of FP8 and of BF16 from the same init and data (a fixed random bigram source generated here),
     the relative loss difference over the last 100 steps, and a PNG of both curves.
 Targets (issue #5): (a) ≥ 1.4× bf16 at the wide shapes, (b) ≥ 1.2× on the wide config, (c) < 0.25%.
@@ -164,7 +165,33 @@ def train_step_fn(model, opt, x, y):
     return step
 
 
-def part_b(results, compile_blocks=False, iters=8):
+def graphed_step_fn(model, x, y):
+    """The whole step captured as one CUDA graph (torch.cuda.graph's whole-network recipe): warm-up on a side
+    stream (the FP8 paths pick and verify their kernels there), grads set to None so that the captured backward
+    allocates them from the graph's pool, AdamW capturable, autocast without its weight-cast cache."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True, capturable=True)
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+            loss = model.loss(x, y, balance_alpha=1e-4).total
+        loss.backward()
+        opt.step()
+        return loss
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            opt.zero_grad(set_to_none=True)
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    opt.zero_grad(set_to_none=True)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay, opt
+
+
+def part_b(results, compile_blocks=False, graph=False, iters=8):
     for cname, (cfg, B, T) in CONFIGS.items():
         g = torch.Generator(device="cuda").manual_seed(0)
         ids = torch.randint(0, cfg.vocab_size, (B, T + 1), device="cuda", generator=g)
@@ -177,15 +204,19 @@ def part_b(results, compile_blocks=False, iters=8):
             if compile_blocks:
                 for block in model.layers:
                     block.compile()
-            opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
             with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
                 loss0 = model.loss(x, y).ce.item()
             torch.cuda.reset_peak_memory_stats()
-            ms = median(cuda_time_ms(train_step_fn(model, opt, x, y), 3, iters))
+            if graph:
+                step, opt = graphed_step_fn(model, x, y)
+            else:
+                opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+                step = train_step_fn(model, opt, x, y)
+            ms = median(cuda_time_ms(step, 3, iters))
             runs[label] = {"ms": ms, "tokens_per_s": B * T / ms * 1e3, "first_loss": loss0,
                            "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
                            "model_tflops": 6 * n_act * B * T / ms / 1e9}
-            del model, opt
+            del model, opt, step
             gc.collect()
             torch.cuda.empty_cache()
         speedup = runs["fp8"]["tokens_per_s"] / runs["bf16"]["tokens_per_s"]
@@ -196,7 +227,7 @@ def part_b(results, compile_blocks=False, iters=8):
                   f"{r['peak_gib']:9.1f} {r['first_loss']:10.4f}")
         print(f"FP8 / BF16 tokens/s: {speedup:.2f}x (target >= 1.2x at wide)")
         results[cname] = {"batch": B, "seq": T, "activated_params": n_act, "runs": runs, "speedup": speedup,
-                          "compiled": compile_blocks}
+                          "compiled": compile_blocks, "whole_step_graph": graph}
 
 
 # ---- (c) loss curves ---------------------------------------------------------------------------------------
@@ -307,9 +338,10 @@ def main():
     ap.add_argument("--parts", default="abc")
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--compile", action="store_true", help="(b): compile both models' blocks")
+    ap.add_argument("--graph", action="store_true", help="(b): replay both models' whole steps as CUDA graphs")
     args = ap.parse_args()
     print(env(), flush=True)
-    parts = {"a": ("fp8_gemm.json", part_a, ()), "b": ("fp8_train.json", part_b, (args.compile,)),
+    parts = {"a": ("fp8_gemm.json", part_a, ()), "b": ("fp8_train.json", part_b, (args.compile, args.graph)),
              "c": ("fp8_loss.json", part_c, (args.steps,))}
     summary = {}
     for p in args.parts:
