@@ -5,7 +5,8 @@
 (a) GEMM TFLOP/s, quantization included, for the linear layers of one training step of `small` and of a wider
     config (hidden 4096): FP8 (fp32 master weight, Fprop + Dgrad + Wgrad and every quantization) against bf16
     GEMMs on bf16 weights, per shape and weighted over the model; FP8 outputs are checked against the exact
-    emulation and the path each GEMM took (cuBLAS `_scaled_mm`, Triton, emulation) is reported.
+    emulation and the path each GEMM took (cuBLAS `_scaled_mm`, Triton, emulation) is reported; each step is
+    timed as one call (host work included) and replayed as a CUDA graph (GPU time only).
 (b) training tokens/s, FP8 against BF16 (fp32 master weights, bf16 autocast, fused AdamW), both configs; with
     --compile both models' blocks are compiled (no CUDA graphs: the FP8 GEMMs, opaque to torch.compile, split
     each block into several graphs around them); with --graph the whole eager step (forward, backward, AdamW) of
@@ -75,11 +76,30 @@ def _routing_counts(rows: int, groups: int) -> torch.Tensor:
     return torch.bincount(torch.randint(0, groups, (rows,), device="cuda", generator=g), minlength=groups)
 
 
+def graph_ms(fn):
+    """GPU time of fn() captured as a CUDA graph and replayed (no host work), or None when it cannot be captured."""
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        return median(cuda_time_ms(graph.replay, 3, 10))
+    except Exception as e:
+        print(f"  (no CUDA graph: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+        return None
+
+
 def bench_gemm(name, M, N, K, G, fp8):
     """ms of FP8 and bf16 for fwd (one GEMM) and fwd+bwd (three GEMMs), and FP8's error against emulation.
 
     Each time is one call between CUDA events after a synchronize, so host work counts: for small layers the FP8
-    path's launches and allocations outweigh its GEMMs, and anything a path ran per call (an emulation) would show."""
+    path's launches and allocations outweigh its GEMMs, and anything a path ran per call (an emulation) would show.
+    The step is also timed replayed as a CUDA graph: its GPU time alone, what a graph-captured training step pays."""
     counts = None if G == 1 else _routing_counts(M, G)
     shape = (N, K) if G == 1 else (G, N, K)
     x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -98,6 +118,7 @@ def bench_gemm(name, M, N, K, G, fp8):
         with torch.no_grad():
             out[label + "_fwd_ms"] = median(cuda_time_ms(fn, 3, 10))
         out[label + "_step_ms"] = median(cuda_time_ms(lambda: torch.autograd.grad(fn(), (x, w), dy), 3, 10))
+        out[label + "_graph_ms"] = graph_ms(lambda: torch.autograd.grad(fn(), (x, w), dy))
     # all three GEMMs against the exact emulation from the same high-precision inputs: a wrong quantized operand
     # (the Wᵀ copy Dgrad reads, the token tiles Wgrad reads) shows here, not in the per-path checks
     runs = []
@@ -122,7 +143,7 @@ def part_a(results):
               "(fwd: 1 GEMM; step: fwd + Dgrad + Wgrad)")
         print(f"{'layer':26s} {'M x N x K':>22s} {'G':>3s} {'fp8 fwd':>8s} {'bf16 fwd':>8s} {'fp8 step':>8s} "
               f"{'bf16 step':>9s} {'speedup':>7s} {'err/emul':>8s}  paths (err/emul: worst of the 3 GEMMs)")
-        rows, flops, t8, t16 = [], 0.0, 0.0, 0.0
+        rows, flops, t8, t16, g8, g16 = [], 0.0, 0.0, 0.0, 0.0, 0.0
         for name, M, N, K, G, layers in linear_shapes(cfg, B * T):
             if not layers:
                 continue
@@ -135,14 +156,26 @@ def part_a(results):
             flops += layers * step_flops
             t8 += layers * r["fp8_step_ms"]
             t16 += layers * r["bf16_step_ms"]
+            if g8 is not None and r["fp8_graph_ms"] and r["bf16_graph_ms"]:
+                g8, g16 = g8 + layers * r["fp8_graph_ms"], g16 + layers * r["bf16_graph_ms"]
+            else:
+                g8 = g16 = None
             print(f"{name:26s} {f'{M}x{N}x{K}':>22s} {G:3d} {r['fp8_fwd_ms']:8.3f} {r['bf16_fwd_ms']:8.3f} "
                   f"{r['fp8_step_ms']:8.3f} {r['bf16_step_ms']:9.3f} {r['bf16_step_ms'] / r['fp8_step_ms']:6.2f}x "
                   f"{max(r['rel_err_vs_emulation'].values()):8.1e}  {' '.join(r['paths'])}")
+            if r["fp8_graph_ms"] and r["bf16_graph_ms"]:
+                print(f"{'':26s} {'as CUDA graphs (GPU time):':>26s} fp8 step {r['fp8_graph_ms']:.3f}, bf16 step "
+                      f"{r['bf16_graph_ms']:.3f}: {r['bf16_graph_ms'] / r['fp8_graph_ms']:.2f}x")
             gc.collect()
             torch.cuda.empty_cache()
         summary = {"fp8_tflops": flops / t8 / 1e9, "bf16_tflops": flops / t16 / 1e9, "speedup": t16 / t8}
         print(f"{'all FP8 GEMMs of a step':26s}  fp8 {summary['fp8_tflops']:.0f} TFLOP/s, bf16 "
               f"{summary['bf16_tflops']:.0f} TFLOP/s: {summary['speedup']:.2f}x (target >= 1.4x at wide)")
+        if g8:
+            summary.update(fp8_graph_tflops=flops / g8 / 1e9, bf16_graph_tflops=flops / g16 / 1e9,
+                           graph_speedup=g16 / g8)
+            print(f"{'same, as CUDA graphs':26s}  fp8 {summary['fp8_graph_tflops']:.0f} TFLOP/s, bf16 "
+                  f"{summary['bf16_graph_tflops']:.0f} TFLOP/s: {summary['graph_speedup']:.2f}x (GPU time only)")
         results[cname] = {"shapes": rows, **summary}
 
 
