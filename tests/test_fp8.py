@@ -15,6 +15,7 @@ from torch import nn
 
 from nanoseek.config import preset
 from nanoseek.fp8 import FP8_LINEARS, FP8Experts, FP8Linear, convert_to_fp8, fp8_matmul, paths
+from nanoseek.fp8.experts import to_fp8_experts
 from nanoseek.fp8.linear import backend_for
 from nanoseek.fp8.quant import act_dequant, act_quant, act_quant_t, weight_dequant, weight_quant
 from nanoseek.io import load_hf, save_hf
@@ -186,7 +187,7 @@ def _experts_pair(E=4, H=256, I=160):
     ref = Experts(E, H, I)
     nn.init.normal_(ref.gate_up_proj, std=0.05)
     nn.init.normal_(ref.down_proj, std=0.05)
-    fp8 = FP8Experts.from_experts(Experts(E, H, I), emulate=True)
+    fp8 = to_fp8_experts(Experts(E, H, I), emulate=True)
     fp8.load_state_dict(ref.state_dict())
     return ref, fp8
 

@@ -8,6 +8,7 @@ Same recipe and the same step as train/loop.py, spread over N ranks (see paralle
     the routed experts; the global norm is clipped over both;
   * aux-loss-free balancing: expert loads are summed over all ranks before the bias update, so every rank
     keeps identical biases (the gate is replicated for the forward);
+  * run.precision = "fp8": the FP8 linears swap in before FSDP2 shards them, the FP8 experts into EP's slices;
   * rank 0 alone writes metrics, prints, and writes the HF export; checkpoints are DCP (every rank writes its
     shards) and resume at any world size whose ep_size divides it.
 """
@@ -43,8 +44,6 @@ class DistTrainer(Trainer):
     def __init__(self, cfg, resume: str | None = None, log=print):
         if cfg.ema.enabled:
             raise ValueError("train config 'ema.enabled' is not supported under torchrun yet")
-        if cfg.run.precision == "fp8":
-            raise ValueError("train config 'run.precision' = 'fp8' is not supported under torchrun yet")
         self.env = parallel.init(cfg.dist.ep_size, cfg.run.device)
         if cfg.data.batch_size % self.env.world:
             raise ValueError(f"train config 'data.batch_size' must be divisible by the world size "
@@ -62,7 +61,8 @@ class DistTrainer(Trainer):
             raise ValueError(f"checkpoint {ckpt} was written by a one-process run: resume it without torchrun")
         from ..config import ModelConfig
         torch.manual_seed(self.cfg.run.seed)
-        model = self._parallelize(DeepSeekV3(ModelConfig.from_json(os.path.join(ckpt, "config.json"))))
+        model = DeepSeekV3(ModelConfig.from_json(os.path.join(ckpt, "config.json")))
+        model = self._parallelize(self._with_precision(model))
         return model, meta, {"dcp": ckpt}, None
 
     def _parallelize(self, model):
@@ -70,6 +70,8 @@ class DistTrainer(Trainer):
             return model
         model = parallel.parallelize(model.to(self.env.device), self.env, self.cfg.dist.overlap,
                                      self.cfg.dist.reshard_after_forward)
+        # EP made new expert modules: FP8 swaps into them in place (the FSDP-sharded linears were swapped before)
+        model = self._with_precision(model)
         model._nanoseek_parallel = True
         return model
 

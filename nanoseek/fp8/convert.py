@@ -2,7 +2,7 @@
 projections and routed experts run their GEMMs in FP8; the embedding, output head, MoE gate, norms and the
 attention core (softmax(q kᵀ) v) stay in higher precision.
 
-Modules are swapped in place around their existing Parameter objects, so the state_dict keys, the parameters an
+Modules are swapped in place around their existing Parameter objects (experts keep their module), so the state_dict keys, the parameters an
 optimizer holds and the checkpoints (nanoseek.io.save_hf / load_hf) are unchanged.
 """
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..model.moe import Experts
-from .experts import FP8Experts
+from .experts import FP8Experts, to_fp8_experts
 from .linear import FP8Linear
 
 # HF names of the Linear layers DeepSeek-V3 runs in FP8 (lm_head is not among them)
@@ -25,6 +25,6 @@ def convert_to_fp8(model: nn.Module, emulate: bool | None = None) -> nn.Module:
         for name, child in list(parent.named_children()):
             if type(child) is nn.Linear and name in FP8_LINEARS:
                 setattr(parent, name, FP8Linear.from_linear(child, emulate))
-            elif type(child) is Experts:
-                setattr(parent, name, FP8Experts.from_experts(child, emulate))
+            elif isinstance(child, Experts) and not isinstance(child, FP8Experts):   # EPExperts too
+                to_fp8_experts(child, emulate)
     return model

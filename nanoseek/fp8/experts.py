@@ -2,8 +2,13 @@
 through `fp8_matmul` with rows grouped by expert, so Fprop, Dgrad and Wgrad of every expert are FP8 GEMMs
 (Triton grouped kernels on CUDA, kernels/fp8_gemm.py; exact emulation elsewhere). Routing, permutation and the
 weighted combine are Experts' own, unchanged.
+
+`to_fp8_experts` converts any Experts module in place, a subclass too: expert parallelism's EPExperts keeps its
+all-to-all forward and runs its local experts' GEMMs in FP8.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -18,15 +23,6 @@ class FP8Experts(Experts):
         super().__init__(n_experts, dim, inter_dim, expert_offset)
         self.emulate = emulate
 
-    @classmethod
-    def from_experts(cls, experts: Experts, emulate: bool | None = None) -> "FP8Experts":
-        """Wraps experts' own Parameter objects (no copy)."""
-        with torch.device("meta"):
-            new = cls(experts.n_experts, experts.gate_up_proj.shape[2], experts.down_proj.shape[2],
-                      experts.expert_offset, emulate)
-        new.gate_up_proj, new.down_proj = experts.gate_up_proj, experts.down_proj
-        return new
-
     def forward_sorted(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x (M, H) grouped by local expert (counts[e] rows for expert e, in order) -> (M, H)."""
         gate, up = fp8_matmul(x, self.gate_up_proj, counts, self.emulate).chunk(2, dim=-1)
@@ -34,3 +30,15 @@ class FP8Experts(Experts):
 
     def extra_repr(self) -> str:
         return f"n_experts={self.n_experts}, emulate={self.emulate}"
+
+
+@functools.cache
+def _fp8_class(cls: type) -> type:
+    return FP8Experts if cls is Experts else type(f"FP8{cls.__name__}", (FP8Experts, cls), {})
+
+
+def to_fp8_experts(experts: Experts, emulate: bool | None = None) -> FP8Experts:
+    """The same module (parameters, buffers, hooks, its own forward), its grouped GEMMs in FP8 from now on."""
+    experts.__class__ = _fp8_class(type(experts))
+    experts.emulate = emulate
+    return experts

@@ -76,12 +76,10 @@ class Trainer:
                                  f"choose another run.out_dir")
             torch.manual_seed(cfg.run.seed)
             self.model = DeepSeekV3(model_cfg).to(self.device)  # initialized on CPU: same init on any device
-        self.model = self._parallelize(self.model)
+        self.model = self._parallelize(self._with_precision(self.model))
         self.model.train()
         self.gates = self.model.moe_gates()
         self.graphed = False   # blocks compiled with CUDA graphs
-        if cfg.run.precision == "fp8":
-            convert_to_fp8(self.model)  # in place around the same Parameters: optimizer and checkpoints unchanged
         apply_recompute(self.model, cfg.run.recompute)
         if cfg.run.compile and self.device.type == "cuda" and cfg.run.precision != "fp8":
             for block in self.model.layers:  # in place: state_dict keys stay those of the plain model
@@ -113,6 +111,11 @@ class Trainer:
     # ---- what distributed training (dist/train.py) replaces -----------------------------------------------------
     def _load(self, ckpt: str):
         return checkpoint.load(ckpt, self.device)
+
+    def _with_precision(self, model):
+        # FP8 layers swap in around the same Parameters (state_dict, optimizer and checkpoints unchanged), before
+        # any parallel wrapping: FSDP2 keeps the modules it shards
+        return convert_to_fp8(model) if self.cfg.run.precision == "fp8" else model
 
     def _parallelize(self, model):
         return model
