@@ -95,8 +95,8 @@ def main():
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--no-cuda-graphs", action="store_true", help="compiled blocks without CUDA graphs")
     ap.add_argument("--variants", default="bf16,fp32,eager", help="nanoseek runs: bf16 (like for like), fp32 "
-                    "(fp32 master weights + autocast), eager (fp32 masters, not compiled); a suffix :MODE adds run.recompute MODE "
-                    "(e.g. bf16:v3)")
+                    "(fp32 master weights + autocast), eager (fp32 masters, not compiled); a suffix :MODE adds "
+                    "run.recompute MODE (e.g. bf16:v3)")
     ap.add_argument("--scaling", action="store_true")
     args = ap.parse_args()
     mode = None if args.no_cuda_graphs else "reduce-overhead"

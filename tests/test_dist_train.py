@@ -83,11 +83,12 @@ def test_fp8_under_fsdp_and_ep_matches_one_process(tmp_path, data_dir):
     trains as one process does. The first step's loss agrees to rounding (same weights, per-row quantization);
     later ones less closely than in fp32, because Wgrad quantizes 128-token tiles and each rank tiles its own
     tokens, so the gradients differ by FP8 quantization error: measured |Δloss| 1.3e-4 at step 2 and 6.3e-3 in
-    validation after it."""
+    validation after it. The ranks stop after step 1 and resume from their DCP checkpoint (FP8 layers again)."""
     ref, run = str(tmp_path / "ref"), str(tmp_path / "dist")
     fp8 = ("run.precision=\"fp8\"", "run.steps=2")
     Trainer(config(ref, data_dir, *fp8), log=lambda *a: None).fit()
-    results = spawn(_train, 2, run, data_dir, (*fp8, "dist.ep_size=2"), None, None, start_method="fork")
+    spawn(_train, 2, run, data_dir, (*fp8, "dist.ep_size=2"), 1, None, start_method="fork")   # stop, resume:
+    results = spawn(_train, 2, run, data_dir, (*fp8, "dist.ep_size=2"), None, run, start_method="fork")
     assert all(torch.equal(a, b) for a, b in zip(results[1]["biases"], results[0]["biases"]))
     assert [r["fp8_layers"] for r in results] == [["FP8EPExperts", "FP8Linear"]] * 2   # FP8 in the sharded modules
     a, b = losses(ref), losses(run)

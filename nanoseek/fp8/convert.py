@@ -2,8 +2,9 @@
 projections and routed experts run their GEMMs in FP8; the embedding, output head, MoE gate, norms and the
 attention core (softmax(q kᵀ) v) stay in higher precision.
 
-Modules are swapped in place around their existing Parameter objects (experts keep their module), so the state_dict keys, the parameters an
-optimizer holds and the checkpoints (nanoseek.io.save_hf / load_hf) are unchanged.
+Linear modules are swapped in place around their existing Parameter objects and expert modules converted in place,
+so the state_dict keys, the parameters an optimizer holds and the checkpoints (nanoseek.io.save_hf / load_hf) are
+unchanged.
 """
 from __future__ import annotations
 
