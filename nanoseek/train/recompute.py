@@ -7,13 +7,15 @@ whether its output is kept for backward or recomputed from the block's input the
 
   "none"   keep everything autograd saves (the fastest; under torch.compile the partitioner already recomputes
            some element-wise ops inside a block)
-  "cheap"  keep the outputs of GEMMs (dense, grouped, FP8) and attention; recompute the rest: RMSNorm, RoPE,
+  "cheap"  keep the outputs of GEMMs (dense, grouped, cuBLAS FP8) and attention; recompute the rest: RMSNorm, RoPE,
            SwiGLU's output from its cached input, casts, the MoE permutations, the gate
   "v3"     "cheap", and the MLA up-projections q = c_q W_UQ and [k_nope; v] = c_kv W_UKV are recomputed from the
            latents too (their per-head outputs are the widest activations of an MLA block)
   "full"   keep only the block's input and run the whole block forward again in backward
 
 Gradients are those of "none" (tests/test_recompute.py), and each mode saves less than the one before it.
+FP8 layers (run.precision = "fp8") keep their FP8 operands for backward themselves (fp8/linear.py), outside
+this mechanism: there recomputation frees only the higher-precision activations around them.
 """
 from __future__ import annotations
 
