@@ -105,18 +105,16 @@ class EPExperts(Experts):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         N, K = indices.shape
-        rows = x[:, None].expand(N, K, x.shape[-1]).reshape(N * K, -1)
         if self.overlap:   # on every rank alike (the collectives must pair up), even with < 2 tokens here
-            half = (N // 2) * K
-            y = torch.cat(self._pipelined([rows[:half], rows[half:]], [indices[: N // 2], indices[N // 2:]]))
+            y = torch.cat(self._pipelined([x[: N // 2], x[N // 2:]], [indices[: N // 2], indices[N // 2:]]))
         else:
             plan = _Plan(indices, self.n_total, self.ep, self.group)
-            y = self._combine(self._compute(self._dispatch(rows, plan), plan), plan)
+            y = self._combine(self._compute(self._dispatch(x, plan, K), plan), plan)
         return (y.view(N, K, -1) * weights[..., None].to(y.dtype)).sum(dim=1)
 
     # the three stages of one micro-batch (with handle: launched async, finished by _wait)
-    def _dispatch(self, rows, plan, handle=None):
-        sent = gather_rows(rows, plan.order, plan.inverse)
+    def _dispatch(self, x, plan, k, handle=None):
+        sent = gather_rows(x, plan.order, plan.inverse, k)     # each token's k rows, in the order they are sent
         return _AllToAll.apply(sent, plan.out_splits, plan.in_splits, self.group, handle)
 
     def _compute(self, received, plan):
@@ -127,12 +125,12 @@ class EPExperts(Experts):
         back = _AllToAll.apply(y, plan.in_splits, plan.out_splits, self.group, handle)
         return back if handle is not None else gather_rows(back, plan.inverse, plan.order)
 
-    def _pipelined(self, rows: list, indices: list) -> list:
+    def _pipelined(self, xs: list, indices: list) -> list:
         """Two micro-batches: dispatch(1) ‖ compute(0), combine(0) ‖ compute(1). Every rank issues the
         collectives in the same order: counts 0, counts 1, dispatch 0, dispatch 1, combine 0, combine 1."""
         plans = [_Plan(i, self.n_total, self.ep, self.group) for i in indices]
         h = [{}, {}, {}, {}]
-        sent = [self._dispatch(r, p, hd) for r, p, hd in zip(rows, plans, h[:2])]
+        sent = [self._dispatch(x, p, i.shape[1], hd) for x, p, i, hd in zip(xs, plans, indices, h[:2])]
         y0 = self._compute(_Wait.apply(sent[0], h[0]), plans[0])
         back0 = self._combine(y0, plans[0], h[2])                 # in flight while micro-batch 1 computes
         y1 = self._compute(_Wait.apply(sent[1], h[1]), plans[1])

@@ -22,7 +22,8 @@ from __future__ import annotations
 import functools
 
 import torch
-from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+from torch.utils.checkpoint import (CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts,
+                                    noop_context_fn)
 
 MODES = ("none", "cheap", "v3", "full")
 
@@ -50,14 +51,13 @@ def _policy(up_projections: set[tuple[int, int]]):
 
 
 def _checkpointed(forward, policy):
-    context_fn = None if policy is None else functools.partial(create_selective_checkpoint_contexts, policy)
+    context_fn = noop_context_fn if policy is None else functools.partial(create_selective_checkpoint_contexts,
+                                                                          policy)
 
     @functools.wraps(forward)
     def run(*args, **kwargs):
         if not torch.is_grad_enabled():       # evaluation and inference: nothing is saved anyway
             return forward(*args, **kwargs)
-        if context_fn is None:
-            return checkpoint(forward, *args, use_reentrant=False, **kwargs)
         return checkpoint(forward, *args, use_reentrant=False, context_fn=context_fn, **kwargs)
     return run
 
