@@ -76,19 +76,27 @@ def _routing_counts(rows: int, groups: int) -> torch.Tensor:
     return torch.bincount(torch.randint(0, groups, (rows,), device="cuda", generator=g), minlength=groups)
 
 
+def capture(fn, warmup: int = 2, before=lambda: None) -> torch.cuda.CUDAGraph:
+    """fn() captured as a CUDA graph after `warmup` runs on a side stream (where the FP8 paths pick and verify
+    their kernels); before() runs ahead of each warm-up run and of the capture."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            before()
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    before()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
+
+
 def graph_ms(fn):
     """GPU time of fn() captured as a CUDA graph and replayed (no host work), or None when it cannot be captured."""
     try:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                fn()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
-        return median(cuda_time_ms(graph.replay, 3, 10))
+        return median(cuda_time_ms(capture(fn).replay, 3, 10))
     except Exception as e:
         print(f"  (no CUDA graph: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
         return None
@@ -199,9 +207,9 @@ def train_step_fn(model, opt, x, y):
 
 
 def graphed_step_fn(model, x, y):
-    """The whole step captured as one CUDA graph (torch.cuda.graph's whole-network recipe): warm-up on a side
-    stream (the FP8 paths pick and verify their kernels there), grads set to None so that the captured backward
-    allocates them from the graph's pool, AdamW capturable, autocast without its weight-cast cache."""
+    """The whole step captured as one CUDA graph (torch.cuda.graph's whole-network recipe): grads set to None
+    before the capture so that its backward allocates them from the graph's pool, AdamW capturable, autocast
+    without its weight-cast cache."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True, capturable=True)
 
     def step():
@@ -210,17 +218,7 @@ def graphed_step_fn(model, x, y):
         loss.backward()
         opt.step()
         return loss
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            opt.zero_grad(set_to_none=True)
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    opt.zero_grad(set_to_none=True)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
+    graph = capture(step, warmup=3, before=lambda: opt.zero_grad(set_to_none=True))
     return graph.replay, opt
 
 
