@@ -25,6 +25,8 @@ import torch
 from torch.utils.checkpoint import (CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts,
                                     noop_context_fn)
 
+from ..model.moe import RouterStats
+
 MODES = ("none", "cheap", "v3", "full")
 
 # ops whose outputs are worth keeping: the GEMMs and the attention core
@@ -54,11 +56,18 @@ def _checkpointed(forward, policy):
     context_fn = noop_context_fn if policy is None else functools.partial(create_selective_checkpoint_contexts,
                                                                           policy)
 
+    def tensors(*args, **kwargs):
+        # the checkpointed region returns tensors only: under torch.compile (2.11) a dataclass coming out of it
+        # leaves its fields outside the traced region ("does not belong to this Graph")
+        x, stats = forward(*args, **kwargs)
+        return (x,) if stats is None else (x, stats.load, stats.balance_loss)
+
     @functools.wraps(forward)
     def run(*args, **kwargs):
         if not torch.is_grad_enabled():       # evaluation and inference: nothing is saved anyway
             return forward(*args, **kwargs)
-        return checkpoint(forward, *args, use_reentrant=False, context_fn=context_fn, **kwargs)
+        x, *stats = checkpoint(tensors, *args, use_reentrant=False, context_fn=context_fn, **kwargs)
+        return x, (RouterStats(*stats) if stats else None)
     return run
 
 
