@@ -11,7 +11,8 @@ with the emulation, falls back for that shape with a one-time warning):
 `_scaled_mm` layouts (torch 2.11, sm90): A (M, K) row-major with scale (M, K/128) column-major, strides exactly
 (1, M); B passed as Bᵀ of a row-major (N, K) fp8 matrix, with scale (K/128, N/128) the transpose of a contiguous
 (N/128, K/128) tensor for 128×128 blocks, or a contiguous (K/128, N) tensor for 1×128 tiles. 128×128 scales are
-read right only when K/128 is a multiple of 4 or N ≤ 128 (`paths.scaled_mm_reads`): other shapes skip cuBLAS.
+read right only when K/128 is a multiple of 4 or N ≤ 128 (`paths.scaled_mm_reads`): other shapes pass the same
+scales per 1×128 tile of each row of W (a (K/128, N) tensor), which cuBLAS reads right at any K.
 K must be a multiple of 128: the quantization kernels write zero-padded operands (zeros add nothing to a dot
 product), and outputs are sliced back.
 """
@@ -55,18 +56,16 @@ class HopperFP8:
     @staticmethod
     def _rows_gemm(op, a: Rows, b, b_scale, n, counts, out_dtype):
         key = (op, n, a.cols, 1 if counts is None else counts.numel(), out_dtype)
-        cublas = scaled_mm_reads(b_scale)
         if counts is None:
             return first_that_runs(key, [
-                *([("scaled_mm", lambda: _scaled_mm_rows(a, b, b_scale, n, out_dtype))] if cublas else []),
+                ("scaled_mm", lambda: _scaled_mm_rows(a, b, b_scale, n, out_dtype)),
                 ("triton", lambda: fp8_gemm.gemm_rows(a, b[None], b_scale[None], BLOCK, _one_group(a), n,
                                                       out_dtype)),
                 ("emulated", lambda: _emulated_rows(a, b[None], b_scale[None], _one_group(a), n, out_dtype))])
         counts = counts.to(torch.int32)
         return first_that_runs(key, [
             ("triton", lambda: fp8_gemm.gemm_rows(a, b, b_scale, BLOCK, counts, n, out_dtype)),
-            *([("scaled_mm loop", lambda: _scaled_mm_rows_loop(a, b, b_scale, counts, n, out_dtype))]
-              if cublas else []),
+            ("scaled_mm loop", lambda: _scaled_mm_rows_loop(a, b, b_scale, counts, n, out_dtype)),
             ("emulated", lambda: _emulated_rows(a, b, b_scale, counts, n, out_dtype))])
 
 
@@ -86,7 +85,11 @@ def _col_major(s: torch.Tensor) -> torch.Tensor:
 
 def _scaled_mm_rows(a: Rows, b: torch.Tensor, b_scale: torch.Tensor, n: int, out_dtype) -> torch.Tensor:
     """a (M, Kp) · b (Np, Kp)ᵀ with b in 128×128 blocks, b_scale (Np/128, Kp/128) row-major."""
-    out = torch._scaled_mm(a.q, b.t(), scale_a=_col_major(a.scale_inv), scale_b=b_scale.t(), out_dtype=out_dtype)
+    if scaled_mm_reads(b_scale):
+        scale_b = b_scale.t()
+    else:   # each block's scale repeated for its 128 rows of W: 1×128 tiles, a layout read right at any K
+        scale_b = b_scale.repeat_interleave(BLOCK, 0).t().contiguous()
+    out = torch._scaled_mm(a.q, b.t(), scale_a=_col_major(a.scale_inv), scale_b=scale_b, out_dtype=out_dtype)
     return out if out.shape[1] == n else out[:, :n]
 
 

@@ -23,7 +23,8 @@ def scaled_mm_reads(b_scale: torch.Tensor) -> bool:
     cuBLAS reads the rows of such a scale tensor Kt rounded up to 4 floats apart, while torch 2.11's `_scaled_mm`
     accepts only a row stride of exactly Kt (the rule that would add the padding, pytorch/pytorch#166752, is not in
     it): with Kt % 4 != 0 and more than one row it rejects padded rows ("Invalid scaling configuration", H200) and
-    misreads unpadded ones (H100: relative error 1.7e5 at Kt = 2). Such shapes go straight to the Triton GEMMs."""
+    misreads unpadded ones (H100: relative error 1.7e5 at Kt = 2). Such shapes pass their scales as 1×128 tiles
+    instead (fp8/hopper.py)."""
     return b_scale.shape[-2] == 1 or b_scale.shape[-1] % 4 == 0
 
 
