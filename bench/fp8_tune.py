@@ -75,8 +75,8 @@ def main():
         dy = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
         w = torch.randn(G, N, K, device="cuda") * 0.02
         wb = w.to(torch.bfloat16)
-        xr, xt = fp8_quant.act_quant(x, counts, rows=True, tokens=True)
-        dyr, dyt = fp8_quant.act_quant(dy, counts, rows=True, tokens=True)
+        xr, xt = fp8_quant.act_quant(x, counts, tokens=True)
+        dyr, dyt = fp8_quant.act_quant(dy, counts, tokens=True)
         wq = fp8_quant.weight_quant(w)
         flops = 2 * M * N * K
         default = fp8_gemm.rows_config(M, G)

@@ -18,6 +18,8 @@ product), and outputs are sliced back.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from ..kernels import fp8_gemm, fp8_quant
@@ -26,47 +28,113 @@ from .paths import first_that_runs, scaled_mm_reads
 
 
 class HopperFP8:
+    """The interface of fp8/emulate.py on the GPU. Each quantization and GEMM is a torch.library custom op (below):
+    torch.compile traces FP8Matmul through them, so a compiled block keeps its FP8 layers inside one graph and
+    its CUDA graphs replay them with no host work; the path choice runs inside the ops, where compile never looks."""
     name = "hopper"
+    traceable = True
 
     def quant_act(self, x: torch.Tensor, counts: torch.Tensor | None, transposed: bool):
-        return fp8_quant.act_quant(x, counts, rows=True, tokens=transposed)
+        counts = (torch.full((1,), x.shape[0], dtype=torch.int32, device=x.device) if counts is None
+                  else counts.to(torch.int32))
+        q, s, qt, st = torch.ops.nanoseek.fp8_act_quant(x, counts, transposed)
+        return Rows(q, s, x.shape[1]), (Tokens(qt, st, x.shape[1], counts) if transposed else None)
 
     def quant_weight(self, w: torch.Tensor) -> Blocks:
-        return fp8_quant.weight_quant(w)
+        return Blocks(*torch.ops.nanoseek.fp8_weight_quant(w), w.shape[-2], w.shape[-1])
 
     def fprop(self, x: Rows, w: Blocks, counts, out_dtype: torch.dtype) -> torch.Tensor:
         """x Wᵀ per group: A = x 1×128, B = W 128×128."""
-        return self._rows_gemm("fprop", x, w.q, w.scale_inv, w.rows, counts, out_dtype)
+        return torch.ops.nanoseek.fp8_gemm_rows("fprop", x.q, x.scale_inv, x.cols, w.q, w.scale_inv, w.rows, counts,
+                                                out_dtype)
 
     def dgrad(self, dy: Rows, w: Blocks, counts, out_dtype: torch.dtype) -> torch.Tensor:
         """dy W per group: A = dy 1×128 along N, B = Wᵀ's blocks (the transposed copy)."""
-        return self._rows_gemm("dgrad", dy, w.qt, w.scale_inv_t, w.cols, counts, out_dtype)
+        return torch.ops.nanoseek.fp8_gemm_rows("dgrad", dy.q, dy.scale_inv, dy.cols, w.qt, w.scale_inv_t, w.cols,
+                                                counts, out_dtype)
 
     def wgrad(self, dy_t: Tokens, x_t: Tokens, counts, out_dtype: torch.dtype) -> torch.Tensor:
         """dyᵀ x per group, inner dim = that group's tokens."""
-        key = ("wgrad", dy_t.cols, x_t.cols, dy_t.counts.numel(), out_dtype)
-        if counts is None:
-            return first_that_runs(key, [("scaled_mm", lambda: _scaled_mm_tokens(dy_t, x_t, out_dtype)),
-                                         ("triton", lambda: fp8_gemm.gemm_tokens(dy_t, x_t, out_dtype)[0]),
-                                         ("emulated", lambda: _emulated_tokens(dy_t, x_t, out_dtype)[0])])
-        return first_that_runs(key, [("triton", lambda: fp8_gemm.gemm_tokens(dy_t, x_t, out_dtype)),
-                                     ("scaled_mm loop", lambda: _scaled_mm_tokens_loop(dy_t, x_t, out_dtype)),
-                                     ("emulated", lambda: _emulated_tokens(dy_t, x_t, out_dtype))])
+        return torch.ops.nanoseek.fp8_gemm_tokens(dy_t.q, dy_t.scale_inv, dy_t.cols, x_t.q, x_t.scale_inv, x_t.cols,
+                                                  dy_t.counts, counts is not None, out_dtype)
 
-    @staticmethod
-    def _rows_gemm(op, a: Rows, b, b_scale, n, counts, out_dtype):
-        key = (op, n, a.cols, 1 if counts is None else counts.numel(), out_dtype)
-        if counts is None:
-            return first_that_runs(key, [
-                ("scaled_mm", lambda: _scaled_mm_rows(a, b, b_scale, n, out_dtype)),
-                ("triton", lambda: fp8_gemm.gemm_rows(a, b[None], b_scale[None], BLOCK, _one_group(a), n,
-                                                      out_dtype)),
-                ("emulated", lambda: _emulated_rows(a, b[None], b_scale[None], _one_group(a), n, out_dtype))])
-        counts = counts.to(torch.int32)
+
+# ---- the custom ops: real kernels, and fake ones that give torch.compile the output shapes and strides ----------
+@torch.library.custom_op("nanoseek::fp8_act_quant", mutates_args=())
+def _act_quant_op(x: torch.Tensor, counts: torch.Tensor, tokens: bool) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                 torch.Tensor, torch.Tensor]:
+    rows, t = fp8_quant.act_quant(x, counts, tokens)
+    empty = fp8_quant.act_buffers(0, x.shape[1], 1, False, x.device)[2:]   # what an unused token operand is
+    return (rows.q, rows.scale_inv, *((t.q, t.scale_inv) if tokens else empty))
+
+
+@_act_quant_op.register_fake
+def _(x, counts, tokens):
+    return fp8_quant.act_buffers(x.shape[0], x.shape[1], counts.numel(), tokens, x.device)
+
+
+@torch.library.custom_op("nanoseek::fp8_weight_quant", mutates_args=())
+def _weight_quant_op(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return tuple(fp8_quant.weight_quant(w)[:4])
+
+
+@_weight_quant_op.register_fake
+def _(w):
+    G, (N, K) = (w.shape[0] if w.dim() == 3 else 1), w.shape[-2:]
+    q, s, st = fp8_quant.weight_buffers(G, N, K, w.device)
+    out = (q, q.transpose(1, 2).contiguous(), s, st)
+    return out if w.dim() == 3 else tuple(t[0] for t in out)
+
+
+@torch.library.custom_op("nanoseek::fp8_gemm_rows", mutates_args=())
+def _gemm_rows_op(op: str, a_q: torch.Tensor, a_scale: torch.Tensor, a_cols: int, b: torch.Tensor,
+                  b_scale: torch.Tensor, n: int, counts: Optional[torch.Tensor], out_dtype: torch.dtype,
+                  ) -> torch.Tensor:   # typing.Optional: the spelling torch.library's schema inference has read longest
+    return _rows_gemm(op, Rows(a_q, a_scale, a_cols), b, b_scale, n, counts, out_dtype).contiguous()
+
+
+@_gemm_rows_op.register_fake
+def _(op, a_q, a_scale, a_cols, b, b_scale, n, counts, out_dtype):
+    return a_q.new_empty(a_q.shape[0], n, dtype=out_dtype)
+
+
+@torch.library.custom_op("nanoseek::fp8_gemm_tokens", mutates_args=())
+def _gemm_tokens_op(a_q: torch.Tensor, a_scale: torch.Tensor, a_cols: int, b_q: torch.Tensor, b_scale: torch.Tensor,
+                    b_cols: int, counts: torch.Tensor, grouped: bool, out_dtype: torch.dtype) -> torch.Tensor:
+    return _tokens_gemm(Tokens(a_q, a_scale, a_cols, counts), Tokens(b_q, b_scale, b_cols, counts), grouped,
+                        out_dtype).contiguous()
+
+
+@_gemm_tokens_op.register_fake
+def _(a_q, a_scale, a_cols, b_q, b_scale, b_cols, counts, grouped, out_dtype):
+    return a_q.new_empty(*((counts.numel(),) if grouped else ()), a_cols, b_cols, dtype=out_dtype)
+
+
+# ---- each GEMM's paths, in order (fp8/paths.py) ------------------------------------------------------------
+def _tokens_gemm(dy_t: Tokens, x_t: Tokens, grouped: bool, out_dtype) -> torch.Tensor:
+    key = ("wgrad", dy_t.cols, x_t.cols, dy_t.counts.numel(), out_dtype)
+    if not grouped:
+        return first_that_runs(key, [("scaled_mm", lambda: _scaled_mm_tokens(dy_t, x_t, out_dtype)),
+                                     ("triton", lambda: fp8_gemm.gemm_tokens(dy_t, x_t, out_dtype)[0]),
+                                     ("emulated", lambda: _emulated_tokens(dy_t, x_t, out_dtype)[0])])
+    return first_that_runs(key, [("triton", lambda: fp8_gemm.gemm_tokens(dy_t, x_t, out_dtype)),
+                                 ("scaled_mm loop", lambda: _scaled_mm_tokens_loop(dy_t, x_t, out_dtype)),
+                                 ("emulated", lambda: _emulated_tokens(dy_t, x_t, out_dtype))])
+
+
+def _rows_gemm(op, a: Rows, b, b_scale, n, counts, out_dtype):
+    key = (op, n, a.cols, 1 if counts is None else counts.numel(), out_dtype)
+    if counts is None:
         return first_that_runs(key, [
-            ("triton", lambda: fp8_gemm.gemm_rows(a, b, b_scale, BLOCK, counts, n, out_dtype)),
-            ("scaled_mm loop", lambda: _scaled_mm_rows_loop(a, b, b_scale, counts, n, out_dtype)),
-            ("emulated", lambda: _emulated_rows(a, b, b_scale, counts, n, out_dtype))])
+            ("scaled_mm", lambda: _scaled_mm_rows(a, b, b_scale, n, out_dtype)),
+            ("triton", lambda: fp8_gemm.gemm_rows(a, b[None], b_scale[None], BLOCK, _one_group(a), n,
+                                                  out_dtype)),
+            ("emulated", lambda: _emulated_rows(a, b[None], b_scale[None], _one_group(a), n, out_dtype))])
+    counts = counts.to(torch.int32)
+    return first_that_runs(key, [
+        ("triton", lambda: fp8_gemm.gemm_rows(a, b, b_scale, BLOCK, counts, n, out_dtype)),
+        ("scaled_mm loop", lambda: _scaled_mm_rows_loop(a, b, b_scale, counts, n, out_dtype)),
+        ("emulated", lambda: _emulated_rows(a, b, b_scale, counts, n, out_dtype))])
 
 
 def _one_group(a: Rows) -> torch.Tensor:

@@ -11,15 +11,17 @@ GEMM operand exactly one rounding with any scales, for the same 1 byte per eleme
 The master weight stays fp32 (or whatever the parameter is) and its gradient comes back in that dtype.
 
 `backend_for` is the one place that chooses the arithmetic: real FP8 (fp8/hopper.py) for CUDA tensors, the exact
-emulation (fp8/emulate.py) on CPU or when asked to.
+emulation (fp8/emulate.py) on CPU or when asked to. Under torch.compile the real backend's quantizations and GEMMs
+are custom ops traced into the block's graph; the emulation runs outside it.
 """
 from __future__ import annotations
 
-import functools
+import os
 import warnings
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .emulate import EmulatedFP8
 
@@ -35,37 +37,52 @@ class FP8Matmul(torch.autograd.Function):
             x_rows, x_t = backend.quant_act(x, counts, transposed=need_dw)
             w = backend.quant_weight(weight)
             y = backend.fprop(x_rows, w, counts, out_dtype)
-        # FP8 tensors made here, not inputs: kept on ctx (save_for_backward is for inputs and outputs)
-        ctx.backend, ctx.counts = backend, counts
-        ctx.w, ctx.x_t = (w if need_dx else None), x_t
-        ctx.x_dtype, ctx.w_dtype = x.dtype, weight.dtype
+        # the FP8 operands made here are saved, not x and W: through save_for_backward (what torch.compile
+        # traces), the tensors of the backend's structures flattened and the rest kept on ctx
+        leaves, ctx.spec = tree_flatten((counts, w if need_dx else None, x_t))
+        ctx.is_tensor = [isinstance(v, torch.Tensor) for v in leaves]
+        ctx.others = [v for v in leaves if not isinstance(v, torch.Tensor)]
+        ctx.save_for_backward(*[v for v in leaves if isinstance(v, torch.Tensor)])
+        ctx.backend, ctx.x_dtype, ctx.w_dtype = backend, x.dtype, weight.dtype
         return y
 
     @staticmethod
     def backward(ctx, dy):
         need_dx, need_dw = ctx.needs_input_grad[:2]
-        backend, counts = ctx.backend, ctx.counts
+        tensors, others = iter(ctx.saved_tensors), iter(ctx.others)
+        counts, w, x_t = tree_unflatten([next(tensors) if t else next(others) for t in ctx.is_tensor], ctx.spec)
+        backend = ctx.backend
         dy_rows, dy_t = backend.quant_act(dy, counts, transposed=need_dw)
-        dx = backend.dgrad(dy_rows, ctx.w, counts, ctx.x_dtype) if need_dx else None
-        dw = backend.wgrad(dy_t, ctx.x_t, counts, ctx.w_dtype) if need_dw else None
+        dx = backend.dgrad(dy_rows, w, counts, ctx.x_dtype) if need_dx else None
+        dw = backend.wgrad(dy_t, x_t, counts, ctx.w_dtype) if need_dw else None
         return dx, dw, None, None, None, None
 
 
-@torch.compiler.disable   # opaque to torch.compile: the kernels and their fallbacks run eagerly
 def fp8_matmul(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor | None = None,
                emulate: bool | None = None) -> torch.Tensor:
     """x (..., K) · Wᵀ in FP8 -> (..., N), in autocast's dtype when autocast is on (as F.linear), else x's.
-    counts: (G,) rows of x per group for a stacked weight (G, N, K)."""
+    counts: (G,) rows of x per group for a stacked weight (G, N, K).
+
+    The GPU kernels are custom ops that torch.compile traces into the caller's graph; the emulation runs eagerly
+    (a graph break), as it splits rows by counts on the host."""
+    backend = backend_for(x.device, emulate)
+    return (_matmul if backend.traceable else _eager_matmul)(x, weight, counts, backend)
+
+
+def _matmul(x, weight, counts, backend):
     dev = x.device.type
     out_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-    y = FP8Matmul.apply(x.reshape(-1, x.shape[-1]), weight, counts, backend_for(x.device, emulate), out_dtype,
-                        torch.is_grad_enabled())
+    y = FP8Matmul.apply(x.reshape(-1, x.shape[-1]), weight, counts, backend, out_dtype, torch.is_grad_enabled())
     return y.view(*x.shape[:-1], y.shape[-1])
+
+
+_eager_matmul = torch.compiler.disable(_matmul)
 
 
 class FP8Linear(nn.Linear):
     """nn.Linear whose three GEMMs run in FP8. Same parameters, so the same state_dict, optimizer and checkpoints.
-    emulate: None = real FP8 on CUDA, emulation elsewhere; True = always emulate."""
+    emulate: None = real FP8 on CUDA, emulation elsewhere; True = always emulate; False = never (a CPU tensor then
+    runs the GPU code only through Triton's interpreter, TRITON_INTERPRET=1)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None,
                  emulate: bool | None = None):
@@ -79,10 +96,6 @@ class FP8Linear(nn.Linear):
         new.weight, new.bias = linear.weight, linear.bias
         return new
 
-    # the whole forward, not only fp8_matmul, stays out of torch.compile: traced, the code after the graph break
-    # became a frame of its own, recompiled for every weight shape until Dynamo's recompile limit (8) sent the
-    # rest of the model's FP8 layers through guard checks and eager fallbacks (small: 383 ms a step, 250 eager)
-    @torch.compiler.disable
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = fp8_matmul(x, self.weight, None, self.emulate)
         return y if self.bias is None else y + self.bias.to(y.dtype)
@@ -97,19 +110,32 @@ _EMULATED = EmulatedFP8()
 def backend_for(device: torch.device, emulate: bool | None):
     if emulate or (emulate is None and device.type != "cuda"):
         return _EMULATED
-    if device.type != "cuda":
-        raise ValueError(f"real FP8 GEMMs need a CUDA device, got {device}; use emulate=True (or None)")
-    return _cuda_backend(device.index if device.index is not None else torch.cuda.current_device())
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if index not in _BACKENDS:   # a plain dict, not functools.cache: torch.compile traces this function
+            _BACKENDS[index] = _cuda_backend(index)
+        return _BACKENDS[index]
+    if os.environ.get("TRITON_INTERPRET") == "1":   # the GPU code on CPU tensors, through Triton's interpreter
+        if "interpreter" not in _BACKENDS:
+            _BACKENDS["interpreter"] = HopperFP8()
+        return _BACKENDS["interpreter"]
+    raise ValueError(f"real FP8 GEMMs need a CUDA device, got {device}; use emulate=True (or None)")
 
 
-@functools.cache
+_BACKENDS: dict = {}
+
+
 def _cuda_backend(index: int):
     if torch.cuda.get_device_capability(index) < (8, 9):
         warnings.warn(f"{torch.cuda.get_device_name(index)} has no FP8 tensor cores: FP8 training is emulated")
         return _EMULATED
-    try:
-        from .hopper import HopperFP8   # imports Triton, present only on CUDA installs
-    except ImportError as e:
-        warnings.warn(f"FP8 kernels unavailable ({e}): FP8 training is emulated")
+    if HopperFP8 is None:
+        warnings.warn(f"FP8 kernels unavailable ({_NO_KERNELS}): FP8 training is emulated")
         return _EMULATED
     return HopperFP8()
+
+
+try:
+    from .hopper import HopperFP8   # imports Triton, present only on CUDA installs
+except ImportError as e:
+    HopperFP8, _NO_KERNELS = None, e

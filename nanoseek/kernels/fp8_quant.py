@@ -87,7 +87,7 @@ def group_tile(counts_ptr, G, pid, BLOCK_ROWS: tl.constexpr, BLOCK_G: tl.constex
 def _act_quant_kernel(x_ptr, stride_xm, stride_xk, K, counts_ptr, G,
                       q_ptr, stride_qm, s_ptr, stride_sm, stride_sk,
                       qt_ptr, stride_qtk, st_ptr, stride_stt,
-                      ROWS: tl.constexpr, TOKENS: tl.constexpr, BLOCK_G: tl.constexpr):
+                      TOKENS: tl.constexpr, BLOCK_G: tl.constexpr):
     pid_t = tl.program_id(0)
     pid_k = tl.program_id(1)
     g, start, end = group_tile(counts_ptr, G, pid_t, 128, BLOCK_G)
@@ -100,11 +100,11 @@ def _act_quant_kernel(x_ptr, stride_xm, stride_xk, K, counts_ptr, G,
     x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
                 mask=row_ok[:, None] & (cols[None, :] < K), other=0.0).to(tl.float32)
     ax = tl.abs(x)
-    if ROWS:   # 1×128 along K: one scale per row of the tile
-        s = tl.math.div_rn(tl.maximum(tl.max(ax, axis=1), 1e-12), 448.0)
-        q = tl.clamp(tl.math.div_rn(x, s[:, None]), -448.0, 448.0).to(tl.float8e4nv)
-        tl.store(q_ptr + rows[:, None] * stride_qm + cols[None, :], q, mask=row_ok[:, None])
-        tl.store(s_ptr + rows * stride_sm + pid_k * stride_sk, s, mask=row_ok)
+    # 1×128 along K: one scale per row of the tile
+    s = tl.math.div_rn(tl.maximum(tl.max(ax, axis=1), 1e-12), 448.0)
+    q = tl.clamp(tl.math.div_rn(x, s[:, None]), -448.0, 448.0).to(tl.float8e4nv)
+    tl.store(q_ptr + rows[:, None] * stride_qm + cols[None, :], q, mask=row_ok[:, None])
+    tl.store(s_ptr + rows * stride_sm + pid_k * stride_sk, s, mask=row_ok)
     if TOKENS:  # 128×1 along tokens: one scale per column of the tile, written transposed
         s = tl.math.div_rn(tl.maximum(tl.max(ax, axis=0), 1e-12), 448.0)
         q = tl.clamp(tl.math.div_rn(x, s[None, :]), -448.0, 448.0).to(tl.float8e4nv)
@@ -135,40 +135,48 @@ def block_g(groups: int) -> int:
     return max(16, triton.next_power_of_2(groups))
 
 
-def act_quant(x: torch.Tensor, counts: torch.Tensor | None = None, rows: bool = True, tokens: bool = False):
-    """x (M, K) -> (Rows or None, Tokens or None). counts: (G,) rows per group (None: one group of M)."""
-    M, K = x.shape
+def act_buffers(M: int, K: int, groups: int, tokens: bool, device) -> tuple[torch.Tensor, ...]:
+    """The outputs act_quant writes for x (M, K) in `groups` groups: q, scale_inv (rows) and qt, scale_inv_t
+    (token tiles; empty unless `tokens`). Also the shapes and strides that torch.compile is told (fp8/hopper.py)."""
     Kt = cdiv(K, BLOCK)
-    Kp = Kt * BLOCK
+    Kp, T = Kt * BLOCK, (token_tiles(M, groups) if tokens else 0)
+    fp8 = torch.float8_e4m3fn
+    return (torch.empty(M, Kp, dtype=fp8, device=device),
+            # (M, Kt) column-major with stride exactly M: the only 1×128 layout torch._scaled_mm accepts
+            torch.empty(Kt, M, dtype=torch.float32, device=device).t(),
+            torch.empty(Kp, T * BLOCK, dtype=fp8, device=device),
+            torch.empty(T, Kp, dtype=torch.float32, device=device))
+
+
+def act_quant(x: torch.Tensor, counts: torch.Tensor | None = None, tokens: bool = False):
+    """x (M, K) -> (Rows, Tokens or None). counts: (G,) rows per group (None: one group of M)."""
+    M, K = x.shape
     counts = (torch.full((1,), M, dtype=torch.int32, device=x.device) if counts is None
               else counts.to(torch.int32))
     G = counts.numel()
-    T = token_tiles(M, G)
-    dev, fp8 = x.device, torch.float8_e4m3fn
-    q = torch.empty(M, Kp, dtype=fp8, device=dev) if rows else None
-    # (M, Kt) column-major with stride exactly M: the only 1×128 layout torch._scaled_mm accepts
-    s = torch.empty(Kt, M, dtype=torch.float32, device=dev).t() if rows else None
-    qt = torch.empty(Kp, T * BLOCK, dtype=fp8, device=dev) if tokens else None
-    st = torch.empty(T, Kp, dtype=torch.float32, device=dev) if tokens else None
+    q, s, qt, st = act_buffers(M, K, G, tokens, x.device)
     if M:
-        _act_quant_kernel[(T, Kt)](
-            x, x.stride(0), x.stride(1), K, counts, G,
-            q, q.stride(0) if rows else 0, s, s.stride(0) if rows else 0, s.stride(1) if rows else 0,
-            qt, qt.stride(0) if tokens else 0, st, st.stride(0) if tokens else 0,
-            ROWS=rows, TOKENS=tokens, BLOCK_G=block_g(G), num_warps=8)
-    return (Rows(q, s, K) if rows else None), (Tokens(qt, st, K, counts) if tokens else None)
+        _act_quant_kernel[(token_tiles(M, G), cdiv(K, BLOCK))](
+            x, x.stride(0), x.stride(1), K, counts, G, q, q.stride(0), s, s.stride(0), s.stride(1),
+            *((qt, qt.stride(0), st, st.stride(0)) if tokens else (None, 0, None, 0)),   # unused: null pointers
+            TOKENS=tokens, BLOCK_G=block_g(G), num_warps=8)
+    return Rows(q, s, K), (Tokens(qt, st, K, counts) if tokens else None)
+
+
+def weight_buffers(G: int, N: int, K: int, device) -> tuple[torch.Tensor, ...]:
+    """q (G, Np, Kp), scale_inv (G, Nt, Kt) and its transpose (G, Kt, Nt) that weight_quant writes."""
+    Nt, Kt = cdiv(N, BLOCK), cdiv(K, BLOCK)
+    return (torch.empty(G, Nt * BLOCK, Kt * BLOCK, dtype=torch.float8_e4m3fn, device=device),
+            torch.empty(G, Nt, Kt, dtype=torch.float32, device=device),
+            torch.empty(G, Kt, Nt, dtype=torch.float32, device=device))
 
 
 def weight_quant(w: torch.Tensor) -> Blocks:
     """w (N, K) or (G, N, K) -> Blocks (with the same leading dims)."""
     w3 = w if w.dim() == 3 else w[None]
     G, N, K = w3.shape
-    Nt, Kt = cdiv(N, BLOCK), cdiv(K, BLOCK)
-    Np, Kp = Nt * BLOCK, Kt * BLOCK
-    dev, fp8 = w.device, torch.float8_e4m3fn
-    q = torch.empty(G, Np, Kp, dtype=fp8, device=dev)
-    s = torch.empty(G, Nt, Kt, dtype=torch.float32, device=dev)
-    st = torch.empty(G, Kt, Nt, dtype=torch.float32, device=dev)
+    q, s, st = weight_buffers(G, N, K, w.device)
+    (_, Np, Kp), (_, Nt, Kt) = q.shape, s.shape
     _weight_quant_kernel[(Nt, Kt, G)](w3, w3.stride(0), w3.stride(1), w3.stride(2), N, K, Np, Kp, Nt, Kt,
                                       q, s, s.stride(0), s.stride(1), st, st.stride(0), st.stride(1),
                                       num_warps=8)
