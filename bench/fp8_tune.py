@@ -1,6 +1,7 @@
-"""Tile shapes and pipelining of the Triton FP8 grouped GEMMs (kernels/fp8_gemm.py) on the wide config's expert
-shapes: every config's TFLOP/s (GEMM only, operands quantized beforehand) against bf16 `torch._grouped_mm` on the
-same shapes in the same run, with each config's output checked equal to the default config's.
+"""Tile shapes, pipelining and TMA loads of the Triton FP8 grouped GEMMs (kernels/fp8_gemm.py) on the wide
+config's expert shapes: every config's TFLOP/s (GEMM only, operands quantized beforehand) against bf16
+`torch._grouped_mm` on the same shapes in the same run, with each config's output checked equal to the default
+config's.
 
     python bench/fp8_tune.py [--tokens 32768]
 
@@ -17,8 +18,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import cuda_time_ms, env, median, write_json  # noqa: E402
 from nanoseek.kernels import fp8_gemm, fp8_quant  # noqa: E402
 
-ROWS_GRID = [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s)
-             for m, n, w, s in itertools.product((64, 128), (128, 256), (4, 8), (3, 4))]
+ROWS_GRID = ([dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s, TMA=False)
+              for m, n, w, s in itertools.product((64, 128), (128, 256), (4, 8), (3, 4))]
+             + [dict(BLOCK_M=128, BLOCK_N=n, num_warps=8, num_stages=s, TMA=True)   # tensor-descriptor loads
+                for n, s in itertools.product((128, 256), (3, 4))])
 TOKENS_GRID = [dict(BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=s)
                for n, k, w, s in itertools.product((128, 256), (128, 256), (4, 8), (3, 4))]
 

@@ -98,16 +98,19 @@ def test_zero_tiles_quantize_to_zero():
     assert (b.q[0, :128, :128].float() == 0).all() and (b.q[1].float() == 0).all()
 
 
+@pytest.mark.parametrize("tma", [False, True])
 @pytest.mark.parametrize("counts", [[300], [170, 0, 1, 129]])
-def test_triton_gemms_match_emulation_on_the_same_operands(counts):
+def test_triton_gemms_match_emulation_on_the_same_operands(counts, tma):
+    """tma: the rows kernel's operands loaded through tensor descriptors (fp8_gemm.rows_config's TMA)."""
     c = torch.tensor(counts, dtype=torch.int32)
     x, dy, w = torch.randn(300, 200), torch.randn(300, 130), torch.randn(len(counts), 130, 200)
     xr, xt = fp8_quant.act_quant(x, c, tokens=True)
     dyr, dyt = fp8_quant.act_quant(dy, c, tokens=True)
     b = fp8_quant.weight_quant(w)
-    pairs = [(fp8_gemm.gemm_rows(xr, b.q, b.scale_inv, 128, c, 130, torch.float32),          # fprop
+    cfg = {"TMA": tma}
+    pairs = [(fp8_gemm.gemm_rows(xr, b.q, b.scale_inv, 128, c, 130, torch.float32, cfg),     # fprop
               hopper._emulated_rows(xr, b.q, b.scale_inv, c, 130, torch.float32)),
-             (fp8_gemm.gemm_rows(dyr, b.qt, b.scale_inv_t, 128, c, 200, torch.float32),       # dgrad
+             (fp8_gemm.gemm_rows(dyr, b.qt, b.scale_inv_t, 128, c, 200, torch.float32, cfg),  # dgrad
               hopper._emulated_rows(dyr, b.qt, b.scale_inv_t, c, 200, torch.float32)),
              (fp8_gemm.gemm_tokens(dyt, xt, torch.float32), hopper._emulated_tokens(dyt, xt, torch.float32))]
     for got, want in pairs:

@@ -12,13 +12,15 @@ V3's fine-grained accumulation (§3.3.2, promotion interval N_C = 128):
   the transposed token-tile layout, each group's tiles starting at a 128 boundary.
 
 No host synchronization: the tile → group map is computed in the kernel from the counts on the device, so
-routing stays static-shaped.
+routing stays static-shaped. The rows kernel can load its fp8 tiles through TMA tensor descriptors (`TMA` in
+`rows_config`) instead of pointer arithmetic; it stays off until bench/fp8_tune.py shows it faster on the GPU.
 """
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .fp8_quant import BLOCK, Rows, Tokens, block_g, cdiv, group_tile
 
@@ -28,7 +30,7 @@ def _gemm_rows_kernel(a_ptr, stride_am, sa_ptr, stride_sam, stride_sak,
                       b_ptr, stride_bg, stride_bn, sb_ptr, stride_sbg, stride_sbn, stride_sbk,
                       c_ptr, stride_cm, counts_ptr, G, N, Np, Kt,
                       B_ROWS_PER_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_G: tl.constexpr):
+                      BLOCK_G: tl.constexpr, TMA: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     g, start, end = group_tile(counts_ptr, G, pid_m, BLOCK_M, BLOCK_G)
@@ -37,22 +39,28 @@ def _gemm_rows_kernel(a_ptr, stride_am, sa_ptr, stride_sam, stride_sak,
     g = g.to(tl.int64)
     rm = (start + tl.arange(0, BLOCK_M)).to(tl.int64)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rk = tl.arange(0, 128)
     m_ok = rm < end
     n_ok = rn < Np
-    a_ptrs = a_ptr + rm[:, None] * stride_am + rk[None, :]
-    b_ptrs = b_ptr + g * stride_bg + rn[None, :].to(tl.int64) * stride_bn + rk[:, None]   # (128, BLOCK_N), K-major
+    if not TMA:
+        rk = tl.arange(0, 128)
+        a_ptrs = a_ptr + rm[:, None] * stride_am + rk[None, :]
+        b_ptrs = b_ptr + g * stride_bg + rn[None, :].to(tl.int64) * stride_bn + rk[:, None]   # (128, BLOCK_N)
     sa_ptrs = sa_ptr + rm * stride_sam
     sb_ptrs = sb_ptr + g * stride_sbg + (rn // B_ROWS_PER_SCALE) * stride_sbn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kb in range(0, Kt):
-        a = tl.load(a_ptrs, mask=m_ok[:, None], other=0.0)
-        b = tl.load(b_ptrs, mask=n_ok[None, :], other=0.0)
+        if TMA:   # a_ptr, b_ptr are tensor descriptors: A rows past the group (next group's, or zeros past M)
+            # and B rows past this expert's Np add nothing, as their scales below load as 0
+            a = a_ptr.load([start, kb * 128])
+            b = b_ptr.load([(g * Np + pid_n * BLOCK_N).to(tl.int32), kb * 128]).T
+        else:
+            a = tl.load(a_ptrs, mask=m_ok[:, None], other=0.0)
+            b = tl.load(b_ptrs, mask=n_ok[None, :], other=0.0)
+            a_ptrs += 128
+            b_ptrs += 128
         sa = tl.load(sa_ptrs + kb * stride_sak, mask=m_ok, other=0.0)
         sb = tl.load(sb_ptrs + kb * stride_sbk, mask=n_ok, other=0.0)
         acc += tl.dot(a, b) * (sa[:, None] * sb[None, :])
-        a_ptrs += 128
-        b_ptrs += 128
     tl.store(c_ptr + rm[:, None] * stride_cm + rn[None, :], acc.to(c_ptr.dtype.element_ty),
              mask=m_ok[:, None] & (rn[None, :] < N))
 
@@ -93,7 +101,7 @@ def _gemm_tokens_kernel(a_ptr, stride_an, sa_ptr, stride_sat, b_ptr, stride_bk, 
 def rows_config(M: int, G: int) -> dict:
     """Tile shape and pipelining of `gemm_rows` (bench/fp8_tune.py times alternatives)."""
     block_m = 64 if M < 256 * G else 128    # small groups waste less of a 64-row tile
-    return dict(BLOCK_M=block_m, BLOCK_N=128, num_warps=4 if block_m == 64 else 8, num_stages=3)
+    return dict(BLOCK_M=block_m, BLOCK_N=128, num_warps=4 if block_m == 64 else 8, num_stages=3, TMA=False)
 
 
 TOKENS_CONFIG = dict(BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3)
@@ -110,10 +118,14 @@ def gemm_rows(a: Rows, b: torch.Tensor, b_scale: torch.Tensor, b_rows_per_scale:
     out = torch.empty(M, n, dtype=out_dtype, device=a.q.device)
     if M == 0:
         return out
-    config = config or rows_config(M, G)
+    config = {**rows_config(M, G), **(config or {})}
     grid = ((M + (config["BLOCK_M"] - 1) * G) // config["BLOCK_M"], cdiv(Np, config["BLOCK_N"]))
-    _gemm_rows_kernel[grid](a.q, a.q.stride(0), a.scale_inv, a.scale_inv.stride(0), a.scale_inv.stride(1),
-                            b, b.stride(0), b.stride(1),
+    a_in, b_in = a.q, b
+    if config["TMA"]:   # Hopper's tensor memory accelerator loads the fp8 tiles (b as one (G·Np, Kp) matrix)
+        a_in = TensorDescriptor.from_tensor(a.q, [config["BLOCK_M"], BLOCK])
+        b_in = TensorDescriptor.from_tensor(b.view(G * Np, Kp), [config["BLOCK_N"], BLOCK])
+    _gemm_rows_kernel[grid](a_in, a.q.stride(0), a.scale_inv, a.scale_inv.stride(0), a.scale_inv.stride(1),
+                            b_in, b.stride(0), b.stride(1),
                             b_scale, b_scale.stride(0), b_scale.stride(1), b_scale.stride(2),
                             out, out.stride(0), counts, G, n, Np, Kp // BLOCK,
                             B_ROWS_PER_SCALE=b_rows_per_scale, BLOCK_G=block_g(G), **config)
