@@ -1,7 +1,7 @@
 """Training throughput: nanoseek vs transformers' DeepseekV3ForCausalLM on identical weights (DESIGN.md §5).
 
     python bench/train.py [--preset small] [--batch 8] [--seq 2048] [--no-compile] [--no-cuda-graphs]
-                          [--variants bf16,fp32,eager] [--scaling]
+                          [--variants bf16,fp32,eager] [--scaling] [--inductor NAME=VALUE,...]
 
 Both models start from the same checkpoint; their first-step losses must agree. transformers runs as in
 DESIGN.md §4 (bf16 weights, sdpa, fused AdamW); nanoseek runs like for like (bf16 weights) and as its trainer
@@ -11,12 +11,14 @@ activated parameters against the bf16 GEMM rate measured in the same run, and pe
 --scaling, tokens/s as n_routed_experts grows at fixed activated parameters.
 """
 import argparse
+import ast
 import gc
 import os
 import sys
 import tempfile
 
 import torch
+import torch._inductor.config as inductor_config
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import bf16_gemm_tflops, cuda_time_ms, env, median, write_json  # noqa: E402
@@ -98,7 +100,14 @@ def main():
                     "(fp32 master weights + autocast), eager (fp32 masters, not compiled); a suffix :MODE adds "
                     "run.recompute MODE (e.g. bf16:v3)")
     ap.add_argument("--scaling", action="store_true")
+    ap.add_argument("--inductor", default="", help="torch._inductor.config settings for nanoseek's compiled blocks, "
+                    "e.g. coordinate_descent_tuning=True (comma-separated NAME=PYTHON_VALUE)")
     args = ap.parse_args()
+    for setting in filter(None, args.inductor.split(",")):
+        name, _, value = setting.partition("=")
+        if not hasattr(inductor_config, name):
+            raise SystemExit(f"--inductor: torch._inductor.config has no setting {name!r}")
+        setattr(inductor_config, name, ast.literal_eval(value))
     mode = None if args.no_cuda_graphs else "reduce-overhead"
     torch.backends.cuda.matmul.allow_tf32 = True
     cfg = preset(args.preset, num_nextn_predict_layers=0)
