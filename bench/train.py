@@ -101,13 +101,17 @@ def main():
                     "run.recompute MODE (e.g. bf16:v3)")
     ap.add_argument("--scaling", action="store_true")
     ap.add_argument("--inductor", default="", help="torch._inductor.config settings for nanoseek's compiled blocks, "
-                    "e.g. coordinate_descent_tuning=True (comma-separated NAME=PYTHON_VALUE)")
+                    "e.g. coordinate_descent_tuning=True,triton.multi_kernel=1 (comma-separated NAME=PYTHON_VALUE)")
     args = ap.parse_args()
     for setting in filter(None, args.inductor.split(",")):
         name, _, value = setting.partition("=")
-        if not hasattr(inductor_config, name):
+        *parents, last = name.split(".")   # nested settings too: triton.multi_kernel=1
+        section = inductor_config
+        for parent in parents:
+            section = getattr(section, parent, None)
+        if not hasattr(section, last):
             raise SystemExit(f"--inductor: torch._inductor.config has no setting {name!r}")
-        setattr(inductor_config, name, ast.literal_eval(value))
+        setattr(section, last, ast.literal_eval(value))
     mode = None if args.no_cuda_graphs else "reduce-overhead"
     torch.backends.cuda.matmul.allow_tf32 = True
     cfg = preset(args.preset, num_nextn_predict_layers=0)
