@@ -175,3 +175,16 @@ def test_compiled_block_traces_the_fp8_kernels():
                     assert got == pytest.approx(want, rel=1e-4)
         finally:
             torch._dynamo.reset()
+
+
+def test_backward_keeps_fp8_operands_only():
+    """What a layer keeps for backward: x only as its token-tiled FP8 copy and W only as Wᵀ's FP8 copy, with their
+    scales (W's own FP8 copy is freed after Fprop)."""
+    x, w = torch.randn(256, 384).requires_grad_(), torch.randn(512, 384).requires_grad_()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        y = FP8Matmul.apply(x, w, None, hopper.HopperFP8(), torch.float32)
+    saved = y.grad_fn.saved_tensors
+    fp8 = [tuple(t.shape) for t in saved if t.dtype == torch.float8_e4m3fn]
+    assert sorted(fp8) == sorted([(384, 256), (384, 512)])   # xᵀ token tiles (K, T·128) and Wᵀ (K, N)
+    assert all(t.dtype in (torch.float8_e4m3fn, torch.float32, torch.int32) for t in saved)

@@ -37,6 +37,11 @@ class EmulatedFP8:
     def quant_weight(self, w: torch.Tensor):
         return [Quantized(*weight_quant(wg)) for wg in _groups(w)]
 
+    @staticmethod
+    def for_dgrad(w):
+        """What backward keeps of the quantized weight: all of it (dgrad dequantizes W's blocks)."""
+        return w
+
     def fprop(self, x: Quantized, w, counts, out_dtype: torch.dtype) -> torch.Tensor:
         """x Wᵀ per group of rows."""
         return self._per_group(x, counts, [weight_dequant(*wg).t() for wg in w], out_dtype)

@@ -43,6 +43,11 @@ class HopperFP8:
     def quant_weight(self, w: torch.Tensor) -> Blocks:
         return Blocks(*torch.ops.nanoseek.fp8_weight_quant(w), w.shape[-2], w.shape[-1])
 
+    @staticmethod
+    def for_dgrad(w: Blocks) -> Blocks:
+        """What backward keeps of the quantized weight: Wᵀ's copy and scales (W's, one byte per weight, is freed)."""
+        return w._replace(q=None, scale_inv=None)
+
     def fprop(self, x: Rows, w: Blocks, counts, out_dtype: torch.dtype) -> torch.Tensor:
         """x Wᵀ per group: A = x 1×128, B = W 128×128."""
         return torch.ops.nanoseek.fp8_gemm_rows("fprop", x.q, x.scale_inv, x.cols, w.q, w.scale_inv, w.rows, counts,

@@ -39,7 +39,7 @@ class FP8Matmul(torch.autograd.Function):
             y = backend.fprop(x_rows, w, counts, out_dtype)
         # the FP8 operands made here are saved, not x and W: through save_for_backward (what torch.compile
         # traces), the tensors of the backend's structures flattened and the rest kept on ctx
-        leaves, ctx.spec = tree_flatten((counts, w if need_dx else None, x_t))
+        leaves, ctx.spec = tree_flatten((counts, backend.for_dgrad(w) if need_dx else None, x_t))
         ctx.is_tensor = [isinstance(v, torch.Tensor) for v in leaves]
         ctx.others = [v for v in leaves if not isinstance(v, torch.Tensor)]
         ctx.save_for_backward(*[v for v in leaves if isinstance(v, torch.Tensor)])
