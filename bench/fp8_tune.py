@@ -22,8 +22,8 @@ ROWS_GRID = ([dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s, TMA=False)
               for m, n, w, s in itertools.product((64, 128), (128, 256), (4, 8), (3, 4))]
              + [dict(BLOCK_M=128, BLOCK_N=n, num_warps=8, num_stages=s, TMA=True)   # tensor-descriptor loads
                 for n, s in itertools.product((128, 256), (3, 4))])
-TOKENS_GRID = [dict(BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=s)
-               for n, k, w, s in itertools.product((128, 256), (128, 256), (4, 8), (3, 4))]
+TOKENS_GRID = [dict(BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=s, TMA=t)
+               for n, k, w, s, t in itertools.product((128, 256), (128, 256), (4, 8), (3, 4), (False, True))]
 
 
 def peer_time(fn) -> float:

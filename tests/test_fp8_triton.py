@@ -101,7 +101,7 @@ def test_zero_tiles_quantize_to_zero():
 @pytest.mark.parametrize("tma", [False, True])
 @pytest.mark.parametrize("counts", [[300], [170, 0, 1, 129]])
 def test_triton_gemms_match_emulation_on_the_same_operands(counts, tma):
-    """tma: the rows kernel's operands loaded through tensor descriptors (fp8_gemm.rows_config's TMA)."""
+    """tma: the kernels' fp8 operands loaded through tensor descriptors (the configs' TMA)."""
     c = torch.tensor(counts, dtype=torch.int32)
     x, dy, w = torch.randn(300, 200), torch.randn(300, 130), torch.randn(len(counts), 130, 200)
     xr, xt = fp8_quant.act_quant(x, c, tokens=True)
@@ -112,7 +112,7 @@ def test_triton_gemms_match_emulation_on_the_same_operands(counts, tma):
               hopper._emulated_rows(xr, b.q, b.scale_inv, c, 130, torch.float32)),
              (fp8_gemm.gemm_rows(dyr, b.qt, b.scale_inv_t, 128, c, 200, torch.float32, cfg),  # dgrad
               hopper._emulated_rows(dyr, b.qt, b.scale_inv_t, c, 200, torch.float32)),
-             (fp8_gemm.gemm_tokens(dyt, xt, torch.float32), hopper._emulated_tokens(dyt, xt, torch.float32))]
+             (fp8_gemm.gemm_tokens(dyt, xt, torch.float32, cfg), hopper._emulated_tokens(dyt, xt, torch.float32))]
     for got, want in pairs:
         assert ((got - want).norm() / want.norm()).item() < 1e-5
     if 0 in counts:

@@ -12,8 +12,8 @@ V3's fine-grained accumulation (§3.3.2, promotion interval N_C = 128):
   the transposed token-tile layout, each group's tiles starting at a 128 boundary.
 
 No host synchronization: the tile → group map is computed in the kernel from the counts on the device, so
-routing stays static-shaped. The rows kernel can load its fp8 tiles through TMA tensor descriptors (`TMA` in
-`rows_config`) instead of pointer arithmetic; it stays off until bench/fp8_tune.py shows it faster on the GPU.
+routing stays static-shaped. Both kernels can load their fp8 tiles through TMA tensor descriptors (`TMA` in
+their configs) instead of pointer arithmetic; it stays off until bench/fp8_tune.py shows it faster on the GPU.
 """
 from __future__ import annotations
 
@@ -68,7 +68,7 @@ def _gemm_rows_kernel(a_ptr, stride_am, sa_ptr, stride_sam, stride_sak,
 @triton.jit
 def _gemm_tokens_kernel(a_ptr, stride_an, sa_ptr, stride_sat, b_ptr, stride_bk, sb_ptr, stride_sbt,
                         c_ptr, stride_cg, stride_cn, counts_ptr, G, N, K, Np, Kp,
-                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_G: tl.constexpr):
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_G: tl.constexpr, TMA: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     g = tl.program_id(2)
@@ -83,17 +83,22 @@ def _gemm_tokens_kernel(a_ptr, stride_an, sa_ptr, stride_sat, b_ptr, stride_bk, 
     rt = t_start.to(tl.int64) * 128 + tl.arange(0, 128)
     n_ok = rn < Np
     k_ok = rk < Kp
-    a_ptrs = a_ptr + rn[:, None].to(tl.int64) * stride_an + rt[None, :]      # dyᵀ (BLOCK_N, 128 tokens)
-    b_ptrs = b_ptr + rk[None, :].to(tl.int64) * stride_bk + rt[:, None]      # xᵀ as (128 tokens, BLOCK_K)
+    if not TMA:
+        a_ptrs = a_ptr + rn[:, None].to(tl.int64) * stride_an + rt[None, :]      # dyᵀ (BLOCK_N, 128 tokens)
+        b_ptrs = b_ptr + rk[None, :].to(tl.int64) * stride_bk + rt[:, None]      # xᵀ as (128 tokens, BLOCK_K)
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for t in range(t_start, t_end):
-        a = tl.load(a_ptrs, mask=n_ok[:, None], other=0.0)
-        b = tl.load(b_ptrs, mask=k_ok[None, :], other=0.0)
+        if TMA:   # descriptors over dyᵀ and xᵀ; rows past Np, Kp load as zeros
+            a = a_ptr.load([pid_n * BLOCK_N, t * 128])
+            b = b_ptr.load([pid_k * BLOCK_K, t * 128]).T
+        else:
+            a = tl.load(a_ptrs, mask=n_ok[:, None], other=0.0)
+            b = tl.load(b_ptrs, mask=k_ok[None, :], other=0.0)
+            a_ptrs += 128
+            b_ptrs += 128
         sa = tl.load(sa_ptr + t * stride_sat + rn, mask=n_ok, other=0.0)
         sb = tl.load(sb_ptr + t * stride_sbt + rk, mask=k_ok, other=0.0)
         acc += tl.dot(a, b) * (sa[:, None] * sb[None, :])
-        a_ptrs += 128
-        b_ptrs += 128
     tl.store(c_ptr + g.to(tl.int64) * stride_cg + rn[:, None] * stride_cn + rk[None, :],
              acc.to(c_ptr.dtype.element_ty), mask=(rn[:, None] < N) & (rk[None, :] < K))
 
@@ -104,7 +109,7 @@ def rows_config(M: int, G: int) -> dict:
     return dict(BLOCK_M=block_m, BLOCK_N=128, num_warps=4 if block_m == 64 else 8, num_stages=3, TMA=False)
 
 
-TOKENS_CONFIG = dict(BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3)
+TOKENS_CONFIG = dict(BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3, TMA=False)
 
 
 def gemm_rows(a: Rows, b: torch.Tensor, b_scale: torch.Tensor, b_rows_per_scale: int, counts: torch.Tensor,
@@ -138,11 +143,16 @@ def gemm_tokens(a: Tokens, b: Tokens, out_dtype: torch.dtype, config: dict | Non
     a: Tokens of dy (Np, T·128), b: Tokens of x (Kp, T·128), with the same counts; config: TOKENS_CONFIG's keys."""
     G = a.counts.numel()
     Np, Kp = a.q.shape[0], b.q.shape[0]
-    config = config or TOKENS_CONFIG
+    config = {**TOKENS_CONFIG, **(config or {})}
     out = torch.empty(G, a.cols, b.cols, dtype=out_dtype, device=a.q.device)
     grid = (cdiv(Np, config["BLOCK_N"]), cdiv(Kp, config["BLOCK_K"]), G)
-    _gemm_tokens_kernel[grid](a.q, a.q.stride(0), a.scale_inv, a.scale_inv.stride(0),
-                              b.q, b.q.stride(0), b.scale_inv, b.scale_inv.stride(0),
+    a_in, b_in = a.q, b.q
+    config["TMA"] = config["TMA"] and a.q.shape[1] > 0   # (a descriptor needs a token tile to describe)
+    if config["TMA"]:
+        a_in = TensorDescriptor.from_tensor(a.q, [config["BLOCK_N"], BLOCK])
+        b_in = TensorDescriptor.from_tensor(b.q, [config["BLOCK_K"], BLOCK])
+    _gemm_tokens_kernel[grid](a_in, a.q.stride(0), a.scale_inv, a.scale_inv.stride(0),
+                              b_in, b.q.stride(0), b.scale_inv, b.scale_inv.stride(0),
                               out, out.stride(0), out.stride(1), a.counts, G, a.cols, b.cols, Np, Kp,
                               BLOCK_G=block_g(G), **config)
     return out
