@@ -237,6 +237,7 @@ def part_b(results, compile_blocks=False, graph=False, iters=8):
             if compile_blocks:
                 for block in model.layers:
                     block.compile(mode="reduce-overhead")
+            torch.compiler.cudagraph_mark_step_begin()
             with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
                 loss0 = model.loss(x, y).ce.item()
             torch.cuda.reset_peak_memory_stats()
