@@ -11,9 +11,8 @@ from __future__ import annotations
 import functools
 
 import torch
-import torch.nn.functional as F
 
-from ..model.moe import Experts
+from ..model.moe import Experts, swiglu
 from .linear import fp8_matmul
 
 
@@ -23,10 +22,10 @@ class FP8Experts(Experts):
         super().__init__(n_experts, dim, inter_dim, expert_offset)
         self.emulate = emulate
 
-    def forward_sorted(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """x (M, H) grouped by local expert (counts[e] rows for expert e, in order) -> (M, H)."""
-        gate, up = fp8_matmul(x, self.gate_up_proj, counts, self.emulate).chunk(2, dim=-1)
-        return fp8_matmul(F.silu(gate) * up, self.down_proj, counts, self.emulate)
+    def forward_sorted(self, x: torch.Tensor, counts: torch.Tensor, scale: torch.Tensor | None = None):
+        """x (M, H) grouped by local expert (counts[e] rows for expert e, in order) -> (M, H), as Experts'."""
+        h = swiglu(fp8_matmul(x, self.gate_up_proj, counts, self.emulate), scale)
+        return fp8_matmul(h, self.down_proj, counts, self.emulate)
 
     def extra_repr(self) -> str:
         return f"n_experts={self.n_experts}, emulate={self.emulate}"

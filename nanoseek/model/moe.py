@@ -93,10 +93,11 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * inter_dim, dim))
         self.down_proj = nn.Parameter(torch.empty(n_experts, dim, inter_dim))
 
-    def forward_sorted(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """x (M, H) grouped by local expert (counts[e] rows for expert e, in order) -> (M, H)."""
-        gate, up = grouped_mm(x, self.gate_up_proj, counts).chunk(2, dim=-1)
-        return grouped_mm(F.silu(gate) * up, self.down_proj, counts)
+    def forward_sorted(self, x: torch.Tensor, counts: torch.Tensor, scale: torch.Tensor | None = None):
+        """x (M, H) grouped by local expert (counts[e] rows for expert e, in order) -> (M, H); scale (M,), if
+        given, multiplies each row's output (see `swiglu`)."""
+        h = swiglu(grouped_mm(x, self.gate_up_proj, counts), scale)
+        return grouped_mm(h, self.down_proj, counts)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """x (N, H), routing weights/indices (N, K) -> Σ_k g_k FFN_{i_k}(x)  (N, H). No token is dropped.
@@ -110,8 +111,19 @@ class Experts(nn.Module):
         counts = torch.zeros(self.n_experts, dtype=torch.long, device=x.device).scatter_add_(
             0, flat, torch.ones_like(flat))
         x_sorted = gather_rows(x, order, inverse, K)                 # token order[j] // K for sorted row j
-        y = gather_rows(self.forward_sorted(x_sorted, counts), inverse, order).view(N, K, -1)
-        return (y * weights[..., None].to(y.dtype)).sum(dim=1)   # weighted sum over the K slots
+        g_sorted = gather_rows(weights.reshape(-1, 1), order, inverse)[:, 0]   # each sorted row's g_k
+        y = gather_rows(self.forward_sorted(x_sorted, counts, g_sorted), inverse, order)
+        return y.view(N, K, -1).sum(dim=1)                # Σ over the K slots, each already weighted by its g_k
+
+
+def swiglu(gate_up: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """SwiGLU of an expert's [gate; up] projection, times each row's routing weight when given. The weight goes in
+    before the down projection, which is linear: g·W_down h = W_down (g·h). The combine is then a plain sum over
+    the K slots, and g's gradient Σ dh'·h is taken on the (M, I) rows backward has anyway, with no copy of the
+    (M, H) expert outputs kept for it."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    h = F.silu(gate) * up
+    return h if scale is None else h * scale[:, None].to(h.dtype)
 
 
 class _GatherRows(torch.autograd.Function):
