@@ -26,7 +26,7 @@ class Quantized(NamedTuple):
 
 class EmulatedFP8:
     name = "emulated"
-    traceable = False   # splits rows by counts on the host, and inductor's CPU code mis-tiles its broadcasts
+    traceable = False   # splits rows by counts on the host; traced, inductor's CPU codegen failed on it (2.13)
 
     def quant_act(self, x: torch.Tensor, counts: torch.Tensor | None, transposed: bool):
         """x (M, K) -> (1×128 along K for Fprop/Dgrad, per-group 1×128 along tokens for Wgrad or None)."""
