@@ -13,7 +13,8 @@ V3's fine-grained accumulation (§3.3.2, promotion interval N_C = 128):
 
 No host synchronization: the tile → group map is computed in the kernel from the counts on the device, so
 routing stays static-shaped. Both kernels can load their fp8 tiles through TMA tensor descriptors (`TMA` in
-their configs) instead of pointer arithmetic; it stays off until bench/fp8_tune.py shows it faster on the GPU.
+their configs) instead of pointer arithmetic: on an H200 (bench/fp8_tune.py, BENCHMARKS.md) that makes Wgrad
+10-13% faster and Fprop / Dgrad 3-8% slower, so only the Wgrad kernel uses it by default.
 """
 from __future__ import annotations
 
@@ -109,7 +110,7 @@ def rows_config(M: int, G: int) -> dict:
     return dict(BLOCK_M=block_m, BLOCK_N=128, num_warps=4 if block_m == 64 else 8, num_stages=3, TMA=False)
 
 
-TOKENS_CONFIG = dict(BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3, TMA=False)
+TOKENS_CONFIG = dict(BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3, TMA=True)
 
 
 def gemm_rows(a: Rows, b: torch.Tensor, b_scale: torch.Tensor, b_rows_per_scale: int, counts: torch.Tensor,
