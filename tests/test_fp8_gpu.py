@@ -105,28 +105,41 @@ def test_fp8_model_trains_on_cuda():
 @pytest.mark.parametrize("mode", [None, "reduce-overhead"])
 def test_compiled_fp8_blocks_match_eager(mode):
     """The FP8 kernels are custom ops: blocks compile with no graph break (fullgraph), with and without CUDA graphs,
-    and train as the eager model does (losses within FP8 rounding moved by inductor's fp32 rounding)."""
+    and give the eager FP8 model's loss and gradients up to FP8's own rounding. Not bit-equal: inductor rounds the
+    bf16 work around the GEMMs differently, and an input moved by one bf16 ulp (2⁻⁸) can move its E4M3 code by
+    one step (2⁻³). The yardstick, measured in the same test: how far eager FP8's gradients are from eager bf16's
+    (on an H200, 2026-12-02: per-parameter relative difference median 0.29, max 0.60 on this random tiny model;
+    compiled against eager FP8 0.27 and 0.49; bf16 compiled against eager 0.06 and 0.12)."""
     cfg = preset("tiny", hidden_size=256, moe_intermediate_size=128, intermediate_size=512)
     ids = torch.randint(0, cfg.vocab_size, (4, 129), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
-    losses = {}
+    loss, grads = {}, {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for compiled in (False, True):
+        for run in ("bf16", "fp8", "fp8 compiled"):
             torch.manual_seed(0)
-            model = convert_to_fp8(DeepSeekV3(cfg)).cuda()
-            if compiled:
+            model = DeepSeekV3(cfg)
+            model = (model if run == "bf16" else convert_to_fp8(model)).cuda()
+            if run == "fp8 compiled":
                 torch._dynamo.reset()
                 for block in model.layers:
                     block.compile(fullgraph=True, mode=mode)
-            opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-            losses[compiled] = []
-            for _ in range(4):
+            for _ in range(2 if run == "fp8 compiled" else 1):   # the second call replays the recorded CUDA graphs
+                model.zero_grad(set_to_none=True)
                 torch.compiler.cudagraph_mark_step_begin()
                 with torch.autocast("cuda", dtype=torch.bfloat16):
                     out = model.loss(ids[:, :-1], ids[:, 1:], balance_alpha=1e-4)
                 out.total.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                losses[compiled].append(out.ce.item())
+            loss[run] = out.ce.item()
+            grads[run] = {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
     torch._dynamo.reset()
-    torch.testing.assert_close(torch.tensor(losses[True]), torch.tensor(losses[False]), rtol=2e-3, atol=0)
+
+    def differences(a, b):   # per-parameter relative difference of the gradients of run a from run b
+        assert grads[a].keys() == grads[b].keys() and len(grads[a]) > 20
+        return torch.tensor([((grads[a][n] - g).norm() / g.norm().clamp_min(1e-12)).item()
+                             for n, g in grads[b].items()])
+
+    compiled, quantization = differences("fp8 compiled", "fp8"), differences("fp8", "bf16")
+    print(f"losses {loss}; compiled vs eager FP8 median {compiled.median():.3f} max {compiled.max():.3f}; "
+          f"FP8 vs bf16 median {quantization.median():.3f} max {quantization.max():.3f}")
+    assert loss["fp8 compiled"] == pytest.approx(loss["fp8"], rel=2e-3)
+    assert compiled.median() <= 1.25 * quantization.median() and compiled.max() <= 1.25 * quantization.max()

@@ -15,7 +15,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 @pytest.mark.parametrize("precision,compile,graphs,recompute", [
     ("bf16", "true", "false", "none"), ("bf16", "true", "true", "none"), ("bf16", "true", "true", "v3"),
-    ("fp8", "false", "false", "none")])
+    ("fp8", "false", "false", "none"), ("fp8", "true", "true", "none")])
 def test_trains_on_cuda(tmp_path, data_dir, precision, compile, graphs, recompute):  # noqa: F811
     out = tmp_path / precision
     cfg = config(out, data_dir, "run.device=\"cuda\"", f"run.precision=\"{precision}\"", f"run.compile={compile}",

@@ -35,8 +35,8 @@ class Run:
                           "'fp32'; 'fp8': DeepSeek-V3's FP8 GEMMs (1x128 / 128x128 scales) in the attention "
                           "projections, dense MLPs and experts, bf16 autocast elsewhere; on CPU an exact emulation "
                           "(slow: for tests)")
-    compile: bool = knob(True, "torch.compile each transformer block on CUDA (the first steps compile); CPU and "
-                               "fp8 runs stay eager")
+    compile: bool = knob(True, "torch.compile each transformer block on CUDA (the first steps compile; with fp8 "
+                               "the FP8 kernels are custom ops inside the compiled graph); CPU runs stay eager")
     cuda_graphs: bool = knob(True, "with compile: replay each compiled block as CUDA graphs (torch.compile's "
                                    "'reduce-overhead' mode), so the step is not bound by the host launching "
                                    "kernels (bench/train.py, `small` on an H200: 71 ms/step with them, 87 "

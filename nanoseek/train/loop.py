@@ -81,7 +81,7 @@ class Trainer:
         self.gates = self.model.moe_gates()
         self.graphed = False   # blocks compiled with CUDA graphs
         apply_recompute(self.model, cfg.run.recompute)
-        if cfg.run.compile and self.device.type == "cuda" and cfg.run.precision != "fp8":
+        if cfg.run.compile and self.device.type == "cuda":
             for block in self.model.layers:  # in place: state_dict keys stay those of the plain model
                 block.compile(mode="reduce-overhead" if cfg.run.cuda_graphs else None)
             self.graphed = cfg.run.cuda_graphs
