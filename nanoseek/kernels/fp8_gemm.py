@@ -14,7 +14,7 @@ V3's fine-grained accumulation (§3.3.2, promotion interval N_C = 128):
 No host synchronization: the tile → group map is computed in the kernel from the counts on the device, so
 routing stays static-shaped. Both kernels can load their fp8 tiles through TMA tensor descriptors (`TMA` in
 their configs) instead of pointer arithmetic: on an H200 (bench/fp8_tune.py, BENCHMARKS.md) that makes Wgrad
-10-13% faster and Fprop / Dgrad 3-8% slower, so only the Wgrad kernel uses it by default.
+13% faster and Fprop / Dgrad 4-12% slower, so only the Wgrad kernel uses it by default.
 """
 from __future__ import annotations
 
