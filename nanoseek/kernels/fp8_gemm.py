@@ -14,9 +14,7 @@ V3's fine-grained accumulation (§3.3.2, promotion interval N_C = 128):
 No host synchronization: the tile → group map is computed in the kernel from the counts on the device, so
 routing stays static-shaped. Both kernels can load their fp8 tiles through TMA tensor descriptors (`TMA` in
 their configs) instead of pointer arithmetic: on an H200 (bench/fp8_tune.py, BENCHMARKS.md) that makes Wgrad
-13% faster and Fprop / Dgrad 4-12% slower, so only the Wgrad kernel uses it by default. With TMA, `WS` asks
-Triton to warp-specialize the K loop (a producer warp group issuing the loads, consumers doing the MMA and the
-promotion: how DeepGEMM keeps the tensor cores busy through V3's per-128 promotion); off until measured faster.
+13% faster and Fprop / Dgrad 4-12% slower, so only the Wgrad kernel uses it by default.
 """
 from __future__ import annotations
 
@@ -33,7 +31,7 @@ def _gemm_rows_kernel(a_ptr, stride_am, sa_ptr, stride_sam, stride_sak,
                       b_ptr, stride_bg, stride_bn, sb_ptr, stride_sbg, stride_sbn, stride_sbk,
                       c_ptr, stride_cm, counts_ptr, G, N, Np, Kt,
                       B_ROWS_PER_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_G: tl.constexpr, TMA: tl.constexpr, WS: tl.constexpr):
+                      BLOCK_G: tl.constexpr, TMA: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     g, start, end = group_tile(counts_ptr, G, pid_m, BLOCK_M, BLOCK_G)
@@ -51,7 +49,7 @@ def _gemm_rows_kernel(a_ptr, stride_am, sa_ptr, stride_sam, stride_sak,
     sa_ptrs = sa_ptr + rm * stride_sam
     sb_ptrs = sb_ptr + g * stride_sbg + (rn // B_ROWS_PER_SCALE) * stride_sbn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kb in tl.range(0, Kt, warp_specialize=WS):
+    for kb in range(0, Kt):
         if TMA:   # a_ptr, b_ptr are tensor descriptors: A rows past the group (next group's, or zeros past M)
             # and B rows past this expert's Np add nothing, as their scales below load as 0
             a = a_ptr.load([start, kb * 128])
@@ -71,8 +69,7 @@ def _gemm_rows_kernel(a_ptr, stride_am, sa_ptr, stride_sam, stride_sak,
 @triton.jit
 def _gemm_tokens_kernel(a_ptr, stride_an, sa_ptr, stride_sat, b_ptr, stride_bk, sb_ptr, stride_sbt,
                         c_ptr, stride_cg, stride_cn, counts_ptr, G, N, K, Np, Kp,
-                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_G: tl.constexpr, TMA: tl.constexpr,
-                        WS: tl.constexpr):
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_G: tl.constexpr, TMA: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     g = tl.program_id(2)
@@ -91,7 +88,7 @@ def _gemm_tokens_kernel(a_ptr, stride_an, sa_ptr, stride_sat, b_ptr, stride_bk, 
         a_ptrs = a_ptr + rn[:, None].to(tl.int64) * stride_an + rt[None, :]      # dyᵀ (BLOCK_N, 128 tokens)
         b_ptrs = b_ptr + rk[None, :].to(tl.int64) * stride_bk + rt[:, None]      # xᵀ as (128 tokens, BLOCK_K)
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for t in tl.range(t_start, t_end, warp_specialize=WS):
+    for t in range(t_start, t_end):
         if TMA:   # descriptors over dyᵀ and xᵀ; rows past Np, Kp load as zeros
             a = a_ptr.load([pid_n * BLOCK_N, t * 128])
             b = b_ptr.load([pid_k * BLOCK_K, t * 128]).T
@@ -110,11 +107,10 @@ def _gemm_tokens_kernel(a_ptr, stride_an, sa_ptr, stride_sat, b_ptr, stride_bk, 
 def rows_config(M: int, G: int) -> dict:
     """Tile shape and pipelining of `gemm_rows` (bench/fp8_tune.py times alternatives)."""
     block_m = 64 if M < 256 * G else 128    # small groups waste less of a 64-row tile
-    return dict(BLOCK_M=block_m, BLOCK_N=128, num_warps=4 if block_m == 64 else 8, num_stages=3, TMA=False,
-                WS=False)
+    return dict(BLOCK_M=block_m, BLOCK_N=128, num_warps=4 if block_m == 64 else 8, num_stages=3, TMA=False)
 
 
-TOKENS_CONFIG = dict(BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3, TMA=True, WS=False)
+TOKENS_CONFIG = dict(BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3, TMA=True)
 
 
 def gemm_rows(a: Rows, b: torch.Tensor, b_scale: torch.Tensor, b_rows_per_scale: int, counts: torch.Tensor,
