@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from nanoseek.config import preset
+from nanoseek.data import document_mask
 from nanoseek.infer.cache import LatentCache
 
 from .helpers import random_model
@@ -165,6 +166,34 @@ def test_attention_masked_path_equals_causal_path():
     with torch.no_grad():
         a, b = model(ids).logits, model(ids, mask=causal).logits
     assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_document_mask_gives_each_document_alone():
+    """Packed documents with the document mask: every token's logits (main head and MTP depth 1) equal those of
+    its document run on its own. An independent check of both the mask (data/loader.py) and the masked attention:
+    nothing but attention mixes tokens, and RoPE scores depend on relative positions only."""
+    cfg = preset("tiny")
+    model = random_model(cfg).double()
+    eos = 0
+    lengths = [5, 9, 1, 7]
+    docs = [torch.randint(1, cfg.vocab_size, (n,)) for n in lengths]
+    for d in docs:
+        d[-1] = eos
+    ids = torch.cat(docs)[None]
+    doc_ids = torch.cat([torch.zeros(1, 1, dtype=torch.long), (ids[:, :-1] == eos).long().cumsum(1)], 1)
+    assert doc_ids[0].tolist() == sum(([i] * n for i, n in enumerate(lengths)), [])
+    with torch.no_grad():
+        packed = model(ids, mask=document_mask(doc_ids), mtp=True)
+        alone = [model(d[None], mtp=True) for d in docs]
+        unmasked = model(ids).logits[0]
+    # float64 model, but RoPE's angles and the gate run in fp32 by design: agreement to fp32 rounding
+    torch.testing.assert_close(packed.logits[0], torch.cat([a.logits[0] for a in alone]), rtol=0, atol=1e-5)
+    # MTP depth 1 at a document's last token pairs it with the next document's first: only the others compare
+    # (a 1-token document has none)
+    inside = torch.cat([torch.arange(n - 1) + start for n, start in zip(lengths, [0, 5, 14, 15])])
+    torch.testing.assert_close(packed.mtp_logits[0][0, inside], torch.cat([a.mtp_logits[0][0] for a in alone if a.mtp_logits]),
+                               rtol=0, atol=1e-5)
+    assert not torch.allclose(unmasked[lengths[0]:], packed.logits[0, lengths[0]:], atol=1e-3)   # the mask matters
 
 
 def test_balance_bias_stays_fp32_when_model_is_cast():

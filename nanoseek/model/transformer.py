@@ -106,8 +106,9 @@ class DeepSeekV3(FP32Buffers):
             for k, module in enumerate(self.mtp, start=1):
                 if T <= k:
                     break
-                # depth k at position i sees h^{k-1}_i and Emb(t_{i+k}); positions restart at 0 (length T-k)
-                m = None if mask is None else mask[:, k:, k:]
+                # depth k at position i sees h^{k-1}_i and Emb(t_{i+k}) (length T-k); a document mask applies by
+                # h's positions, so inside a document depth k sees what it would see on the document alone
+                m = None if mask is None else mask[:, : T - k, : T - k]
                 h, s = module(h[:, : T - k], self.embed_tokens(input_ids[:, k:]),
                               cos[:, : T - k], sin[:, : T - k], None, m, return_stats)
                 out.mtp_hidden.append(h)
