@@ -9,8 +9,10 @@ import pytest
 import torch
 
 from nanoseek.cli import main as cli
+from nanoseek.data import document_mask
 from nanoseek.data.prepare import prepare
 from nanoseek.io import load_hf
+from nanoseek.model import DeepSeekV3
 from nanoseek.train import checkpoint
 from nanoseek.train.config import load
 from nanoseek.train.loop import Trainer
@@ -84,6 +86,30 @@ def test_learns_logs_and_balances(tmp_path, data_dir):
     # λ and γ follow their schedules: switch after 70% / 97% of the steps
     assert {r["mtp_lambda"] for r in train[:28]} == {0.3} and {r["mtp_lambda"] for r in train[28:]} == {0.1}
     assert train[-1]["gamma"] == 0.0 and train[-2]["gamma"] == 0.01
+
+
+def test_document_mask_reaches_the_model(tmp_path, data_dir, monkeypatch):
+    """data.document_mask: every training micro-batch and validation batch reaches the model with the mask of its
+    own documents (ends at eos), and the run trains (the masked attention itself: tests/test_model.py)."""
+    seen = []
+    loss = DeepSeekV3.loss
+
+    def spy(self, input_ids, labels, **kw):
+        seen.append((input_ids.cpu(), kw.get("mask")))
+        return loss(self, input_ids, labels, **kw)
+
+    monkeypatch.setattr(DeepSeekV3, "loss", spy)
+    trainer = Trainer(config(tmp_path / "run", data_dir, "data.document_mask=true", "run.steps=4"))
+    trainer.fit()
+    eos = trainer.train_data.eos_id
+    assert len(seen) == 4 * 2 + 2 * 2   # 4 steps of 2 micro-batches, 2 evaluations of 2 batches
+    for x, mask in seen:
+        docs = torch.cat([torch.zeros_like(x[:, :1]), (x[:, :-1] == eos).long().cumsum(1)], 1)
+        assert mask is not None and torch.equal(mask.cpu(), document_mask(docs))
+    causal = torch.ones(32, 32, dtype=torch.bool).tril()
+    assert any(not torch.equal(m.cpu(), causal.expand_as(m)) for _, m in seen)   # documents do end inside windows
+    ce = [r["ce"] for r in read(f"{tmp_path}/run/metrics.jsonl") if r["split"] == "train"]
+    assert len(ce) == 4 and all(c == c for c in ce)
 
 
 def test_recompute_trains_identically(tmp_path, data_dir):

@@ -97,11 +97,13 @@ class DistTrainer(Trainer):
     def _metrics(self, total: int) -> Metrics:
         return super()._metrics(total) if self.is_main else _Quiet(total, self.step)
 
+    def _rows(self) -> slice:
+        """This rank's rows of a global batch."""
+        b = self.cfg.data.batch_size // self.env.world
+        return slice(self.env.rank * b, (self.env.rank + 1) * b)
+
     def _micro_batch(self, index: int):
-        x, y = self.train_data.batch(index)
-        b = x.shape[0] // self.env.world
-        rows = slice(self.env.rank * b, (self.env.rank + 1) * b)
-        return x[rows].to(self.device), y[rows].to(self.device)
+        return self._on_device(self.train_data.batch(index, doc_ids=self.cfg.data.document_mask), self._rows())
 
     # ---- the step, evaluation, checkpoints --------------------------------------------------------------------
     # A signal may reach one rank only, at any moment: the loop reads `_stop`, which changes only after a step,
@@ -125,11 +127,10 @@ class DistTrainer(Trainer):
     def evaluate(self) -> float:
         self.model.eval()
         losses = []
-        b = self.cfg.data.batch_size // self.env.world
-        rows = slice(self.env.rank * b, (self.env.rank + 1) * b)
-        for x, y in self.val_data.val_batches(self.cfg.eval.batches):
+        for batch in self.val_data.val_batches(self.cfg.eval.batches, doc_ids=self.cfg.data.document_mask):
+            x, y, mask = self._on_device(batch, self._rows())
             with self._autocast():
-                losses.append(self.model.loss(x[rows].to(self.device), y[rows].to(self.device)).ce.float())
+                losses.append(self.model.loss(x, y, mask=mask).ce.float())
         self.model.train()
         return self._mean_over_ranks(torch.stack(losses).mean()).item()
 

@@ -61,6 +61,9 @@ class Data:
     dir: str = knob("runs/default/data", "a directory written by `nanoseek prepare` (token shards + tokenizer)")
     batch_size: int = knob(16, "sequences per micro-batch")
     seq_len: int = knob(256, "tokens per sequence")
+    document_mask: bool = knob(False, "attend only within each document of a packed sequence (documents end at "
+                                      "eos); V3 packs without masking (§4.1). The (batch, seq, seq) mask rules out "
+                                      "the fused causal attention kernels on CUDA, so it costs speed")
 
 
 @dataclass

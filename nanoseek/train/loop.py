@@ -9,7 +9,8 @@ One optimizer step:
     validate / checkpoint when due
 Everything a step depends on (weights, optimizer, biases, schedules via the step, data position via the step,
 RNG) is in the checkpoint, so a resumed run retraces an uninterrupted one exactly (bit for bit on CPU).
-Sequences are packed across documents without cross-document attention masking, as in V3 (§4.1).
+Sequences are packed across documents without cross-document attention masking, as in V3 (§4.1), unless
+data.document_mask asks for it.
 SIGINT / SIGTERM finish the current step, save a checkpoint and return.
 Under torchrun, dist/train.py's DistTrainer runs this same step over many ranks (FSDP2 + expert parallelism)
 by overriding the hooks marked below.
@@ -23,7 +24,7 @@ import time
 
 import torch
 
-from ..data.loader import TokenLoader
+from ..data.loader import TokenLoader, document_mask
 from ..data.tokenizer import Tokenizer
 from ..fp8 import convert_to_fp8
 from ..model import DeepSeekV3
@@ -141,8 +142,13 @@ class Trainer:
 
     # ---- one step ----------------------------------------------------------------------------------------------
     def _micro_batch(self, index: int):
-        x, y = self.train_data.batch(index)
-        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        return self._on_device(self.train_data.batch(index, doc_ids=self.cfg.data.document_mask))
+
+    def _on_device(self, batch, rows: slice = slice(None)):
+        """A loader batch (x, y[, doc_ids]) -> x, y and the document mask (None without doc_ids) on the device,
+        keeping `rows` of each."""
+        x, y = (t[rows].to(self.device, non_blocking=True) for t in batch[:2])
+        return x, y, document_mask(batch[2][rows].to(self.device)) if len(batch) > 2 else None
 
     def train_step(self) -> dict:
         cfg, s, total = self.cfg, self.step, self.cfg.run.steps
@@ -158,9 +164,9 @@ class Trainer:
         sums, load = {}, None
         self._begin_graph_step()   # once per optimizer step: the micro-batches' gradients accumulate in graph memory
         for micro in range(accum):
-            x, y = self._micro_batch(s * accum + micro)
+            x, y, mask = self._micro_batch(s * accum + micro)
             with self._autocast():
-                out = self.model.loss(x, y, mtp_lambda=lam, balance_alpha=cfg.balance.alpha)
+                out = self.model.loss(x, y, mtp_lambda=lam, balance_alpha=cfg.balance.alpha, mask=mask)
             (out.total / accum).backward()
             for name in ("total", "ce", "mtp", "balance"):
                 value = getattr(out, name)
@@ -213,10 +219,11 @@ class Trainer:
         """Mean next-token cross-entropy on the first eval.batches validation batches."""
         self.model.eval()
         losses = []
-        for x, y in self.val_data.val_batches(self.cfg.eval.batches):
+        for batch in self.val_data.val_batches(self.cfg.eval.batches, doc_ids=self.cfg.data.document_mask):
+            x, y, mask = self._on_device(batch)
             self._begin_graph_step()
             with self._autocast():
-                losses.append(self.model.loss(x.to(self.device), y.to(self.device)).ce.float())
+                losses.append(self.model.loss(x, y, mask=mask).ce.float())
         self.model.train()
         return torch.stack(losses).mean().item()
 
