@@ -191,8 +191,8 @@ def test_document_mask_gives_each_document_alone():
     # MTP depth 1 at a document's last token pairs it with the next document's first: only the others compare
     # (a 1-token document has none)
     inside = torch.cat([torch.arange(n - 1) + start for n, start in zip(lengths, [0, 5, 14, 15])])
-    torch.testing.assert_close(packed.mtp_logits[0][0, inside], torch.cat([a.mtp_logits[0][0] for a in alone if a.mtp_logits]),
-                               rtol=0, atol=1e-5)
+    alone_mtp = torch.cat([a.mtp_logits[0][0] for a in alone if a.mtp_logits])
+    torch.testing.assert_close(packed.mtp_logits[0][0, inside], alone_mtp, rtol=0, atol=1e-5)
     assert not torch.allclose(unmasked[lengths[0]:], packed.logits[0, lengths[0]:], atol=1e-3)   # the mask matters
 
 
