@@ -33,7 +33,8 @@ def test_toml_and_yaml_read_the_same(tmp_path):
     ("[optim]\nlr = \"fast\"\n", "train config 'optim.lr' must be float, got 'fast'"),
     ("[run]\nsteps = 0\n", "train config 'run.steps' must be > 0 (got 0)"),
     ("[schedule]\nkind = \"linear\"\n", "train config 'schedule.kind' must be 'cosine' or 'wsd' (got 'linear')"),
-    ("[run]\nrecompute = \"all\"\n", "train config 'run.recompute' must be 'none', 'cheap', 'v3' or 'full' (got 'all')"),
+    ("[run]\nrecompute = \"all\"\n",
+     "train config 'run.recompute' must be 'none', 'cheap', 'v3' or 'full' (got 'all')"),
     ("[mtp]\nlambda_switch = 2\n", "train config 'mtp.lambda_switch' must be in [0, 1] (got 2.0)"),
     ("[optim\nlr = 1\n", "cannot parse"),
 ])

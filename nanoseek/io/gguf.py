@@ -21,8 +21,8 @@ one file for llama.cpp's `deepseek2` architecture, the one llama.cpp runs DeepSe
 
 Tensors are read one at a time from the safetensors files (FP8 ones dequantized with io.hf's helpers) and streamed
 into `.OUT.tmp-PID` next to the output, renamed at the end: memory stays near the largest tensor (a layer's experts
-are encoded one expert at a time into the stacked output), and a failure leaves no output. The whole checkpoint is checked (every key, shape, FP8 scale) before the
-file is created, with errors that name the file and the tensor.
+are encoded one expert at a time into the stacked output), and a failure leaves no output. The whole checkpoint is
+checked (every key, shape, FP8 scale) before the file is created, with errors that name the file and the tensor.
 
 HF (`convert_hf`): load_hf, then save_hf as bf16, fp32 or FP8 (E4M3 + 128×128 scales), into a temporary directory
 renamed at the end. This path holds the whole model in memory (fp32), as load_hf does.

@@ -220,7 +220,8 @@ class GRPO:
             metrics.log({"split": "val", "step": run.step, **scores})
             sampled = f", pass@1 {scores['pass@1']:.1%} at T=0.6" if "pass@1" in scores else ""
             metrics.note(f"step {run.step}: held-out accuracy {scores['exact_match']:.1%} greedy{sampled} "
-                         f"(format {scores['format']:.0%}, length {scores['length']:.1f}, {len(self.heldout)} problems)")
+                         f"(format {scores['format']:.0%}, length {scores['length']:.1f}, "
+                         f"{len(self.heldout)} problems)")
             summary.setdefault("start_accuracy", scores["exact_match"])
             summary["accuracy"] = scores["exact_match"]
             if "pass@1" in scores:
