@@ -1,7 +1,7 @@
 """Training throughput: nanoseek vs transformers' DeepseekV3ForCausalLM on identical weights (DESIGN.md §5).
 
     python bench/train.py [--preset small] [--batch 8] [--seq 2048] [--no-compile] [--no-cuda-graphs]
-                          [--variants bf16,fp32,eager] [--scaling] [--inductor NAME=VALUE,...] [--doc-len N]
+                          [--variants bf16,fp32,eager] [--scaling] [--inductor NAME=VALUE,...] [--doc-len N [--dense-mask]]
 
 Both models start from the same checkpoint; their first-step losses must agree. transformers runs as in
 DESIGN.md §4 (bf16 weights, sdpa, fused AdamW); nanoseek runs like for like (bf16 weights) and as its trainer
@@ -9,10 +9,12 @@ does by default (fp32 master weights, bf16 autocast), both with fused AdamW and 
 graphs (the trainer's run.compile and run.cuda_graphs), and eager. Prints tokens/s, the ratio, "6N" MFU on
 activated parameters against the bf16 GEMM rate measured in the same run, and peak memory; then, with
 --scaling, tokens/s as n_routed_experts grows at fixed activated parameters. --doc-len N times nanoseek with
-document masking (data.document_mask) over documents of N tokens.
+document masking (data.document_mask) over documents of N tokens: FlexAttention, or with --dense-mask SDPA with a
+dense mask.
 """
 import argparse
 import ast
+import functools
 import gc
 import os
 import sys
@@ -24,11 +26,11 @@ import torch._inductor.config as inductor_config
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import bf16_gemm_tflops, cuda_time_ms, env, median, write_json  # noqa: E402
 from nanoseek.config import preset  # noqa: E402
-from nanoseek.data import document_mask  # noqa: E402
 from nanoseek.fp8 import convert_to_fp8  # noqa: E402
 from nanoseek.info import count  # noqa: E402
 from nanoseek.io import save_hf  # noqa: E402
-from nanoseek.model import DeepSeekV3  # noqa: E402
+from nanoseek.model import DeepSeekV3, transformer  # noqa: E402
+from nanoseek.model.mla import document_mask  # noqa: E402
 from nanoseek.train.recompute import apply_recompute  # noqa: E402
 
 
@@ -38,11 +40,11 @@ def batch(cfg, B, T, seed=0):
     return ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
 
 
-def nanoseek_step_fn(model, opt, x, y, mtp_lambda=0.0, mask=None):
+def nanoseek_step_fn(model, opt, x, y, mtp_lambda=0.0, doc_ids=None):
     def step():
         torch.compiler.cudagraph_mark_step_begin()   # as the trainer does with run.cuda_graphs
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model.loss(x, y, mtp_lambda=mtp_lambda, balance_alpha=1e-4, mask=mask).total
+            loss = model.loss(x, y, mtp_lambda=mtp_lambda, balance_alpha=1e-4, doc_ids=doc_ids).total
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -104,6 +106,8 @@ def main():
     ap.add_argument("--scaling", action="store_true")
     ap.add_argument("--doc-len", type=int, default=0, help="nanoseek runs with data.document_mask over documents of "
                     "this many tokens (needs --no-hf: transformers runs unmasked)")
+    ap.add_argument("--dense-mask", action="store_true", help="with --doc-len: SDPA with a dense (B, T, T) mask "
+                    "instead of FlexAttention's block mask")
     ap.add_argument("--inductor", default="", help="torch._inductor.config settings for nanoseek's compiled blocks, "
                     "e.g. coordinate_descent_tuning=True,triton.multi_kernel=1 (comma-separated NAME=PYTHON_VALUE)")
     args = ap.parse_args()
@@ -129,7 +133,9 @@ def main():
     results = {"env": env(), "preset": args.preset, "batch": B, "seq": T, "bf16_gemm_tflops": gemm,
                "activated_params": n_act}
     x, y = batch(cfg, B, T)
-    mask = document_mask((torch.arange(T, device="cuda") // args.doc_len).expand(B, T)) if args.doc_len else None
+    doc_ids = (torch.arange(T, device="cuda") // args.doc_len).expand(B, T) if args.doc_len else None
+    if args.dense_mask:
+        transformer.document_mask = functools.partial(document_mask, flex=False)
     rows = []
 
     # -- identical weights: nanoseek's random init, saved as an HF checkpoint, loaded by transformers
@@ -164,13 +170,14 @@ def main():
         weights, comp, dtype = kinds[key]
         how = ("compiled, CUDA graphs" if mode else "compiled") if comp else "eager"
         name = (f"nanoseek ({weights}, {how}" + (f", recompute {recompute}" if recompute else "")
-                + (f", documents of {args.doc_len}" if args.doc_len else "") + ")")
+                + (f", documents of {args.doc_len} ({'dense' if args.dense_mask else 'flex'} mask)"
+                   if args.doc_len else "") + ")")
         model = build_nanoseek(cfg, comp, state, dtype, compile_mode=mode, recompute=recompute or "none")
         torch.compiler.cudagraph_mark_step_begin()
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-            loss0 = model.loss(x, y, mask=mask).ce.item()
+            loss0 = model.loss(x, y, doc_ids=doc_ids).ce.item()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-        ms, mem = measure(nanoseek_step_fn(model, opt, x, y, mask=mask), args.iters, args.warmup)
+        ms, mem = measure(nanoseek_step_fn(model, opt, x, y, doc_ids=doc_ids), args.iters, args.warmup)
         rows.append((name, ms, mem))
         results.setdefault("first_loss", {})[name] = loss0
         del model, opt

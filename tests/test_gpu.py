@@ -1,9 +1,14 @@
 """GPU paths against their references (run on the device machine: pytest -m gpu)."""
+import copy
+
 import pytest
 import torch
+from torch.nn.attention.flex_attention import BlockMask
 
 from nanoseek.config import preset
 from nanoseek.kernels.grouped_mm import grouped_mm, grouped_mm_reference
+from nanoseek.model.mla import MLA, document_mask
+from nanoseek.model.rope import inv_frequencies, rope_cos_sin
 
 from .helpers import random_model
 
@@ -32,3 +37,26 @@ def test_model_bf16_cuda_matches_fp32_cpu_loss():
     with torch.autocast("cuda", dtype=torch.bfloat16):
         got = gpu.loss(ids.cuda(), ids.cuda()).ce.item()
     assert abs(got - ref) / ref < 2e-2
+
+
+def test_flex_document_mask_matches_float64_dense_on_cuda():
+    """FlexAttention with `document_mask`'s BlockMask (compiled, as training runs it) against SDPA with the dense
+    mask in float64: MLA's output and the gradients of its input and weights (CPU has no FlexAttention backward)."""
+    cfg = preset("tiny")
+    B, T = 2, 300
+    lengths = [[40, 170, 90], [128, 128, 30, 14]]
+    doc_ids = torch.stack([torch.repeat_interleave(torch.arange(len(n)), torch.tensor(n)) for n in lengths]).cuda()
+    doc_ids[1, -14:] = -1
+    cos, sin = rope_cos_sin(inv_frequencies(cfg), torch.arange(T, device="cuda").expand(B, T))
+    x = torch.randn(B, T, cfg.hidden_size, device="cuda")
+    mla = MLA(cfg, 0).cuda()
+    results = []
+    for dtype, mask in ((torch.float32, document_mask(doc_ids)), (torch.float64, document_mask(doc_ids, flex=False))):
+        m = copy.deepcopy(mla).to(dtype)
+        xi = x.to(dtype, copy=True).requires_grad_()
+        out = m(xi, cos.to(dtype), sin.to(dtype), mask=mask)
+        out.square().sum().backward()
+        results.append([out, xi.grad] + [p.grad for p in m.parameters()])
+    assert isinstance(document_mask(doc_ids), BlockMask)
+    for got, ref in zip(*results):
+        assert (got.double() - ref).norm() / ref.norm() < 5e-3   # TF32 matmuls in the flex kernel

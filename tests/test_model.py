@@ -1,10 +1,12 @@
 """Model behaviour: cached absorbed decoding equals the full forward; gate, MTP and stats shapes."""
 import pytest
 import torch
+from torch.nn.attention.flex_attention import BlockMask
 
 from nanoseek.config import preset
-from nanoseek.data import document_mask
 from nanoseek.infer.cache import LatentCache
+from nanoseek.model.mla import MLA, document_mask
+from nanoseek.model.rope import inv_frequencies, rope_cos_sin
 
 from .helpers import random_model
 
@@ -158,20 +160,20 @@ def test_chunked_cross_entropy_matches_plain():
 
 
 def test_attention_masked_path_equals_causal_path():
-    """The document-mask path (explicit mask) with a plain causal mask equals the is_causal fast path."""
+    """The document-mask path with one document per row (a plain causal mask) equals the is_causal fast path."""
     cfg = preset("tiny")
     model = random_model(cfg)
     ids = torch.randint(0, cfg.vocab_size, (2, 12))
-    causal = torch.ones(12, 12, dtype=torch.bool).tril().expand(2, 12, 12)
     with torch.no_grad():
-        a, b = model(ids).logits, model(ids, mask=causal).logits
+        a, b = model(ids).logits, model(ids, doc_ids=torch.zeros_like(ids)).logits
     assert torch.allclose(a, b, atol=1e-5)
 
 
 def test_document_mask_gives_each_document_alone():
     """Packed documents with the document mask: every token's logits (main head and MTP depth 1) equal those of
     its document run on its own. An independent check of both the mask (data/loader.py) and the masked attention:
-    nothing but attention mixes tokens, and RoPE scores depend on relative positions only."""
+    nothing but attention mixes tokens, and RoPE scores depend on relative positions only. On CPU the model takes
+    the dense mask; the FlexAttention mask that CUDA takes is checked against it below."""
     cfg = preset("tiny")
     model = random_model(cfg).double()
     eos = 0
@@ -183,7 +185,7 @@ def test_document_mask_gives_each_document_alone():
     doc_ids = torch.cat([torch.zeros(1, 1, dtype=torch.long), (ids[:, :-1] == eos).long().cumsum(1)], 1)
     assert doc_ids[0].tolist() == sum(([i] * n for i, n in enumerate(lengths)), [])
     with torch.no_grad():
-        packed = model(ids, mask=document_mask(doc_ids), mtp=True)
+        packed = model(ids, doc_ids=doc_ids, mtp=True)
         alone = [model(d[None], mtp=True) for d in docs]
         unmasked = model(ids).logits[0]
     # float64 model, but RoPE's angles and the gate run in fp32 by design: agreement to fp32 rounding
@@ -194,6 +196,26 @@ def test_document_mask_gives_each_document_alone():
     alone_mtp = torch.cat([a.mtp_logits[0][0] for a in alone if a.mtp_logits])
     torch.testing.assert_close(packed.mtp_logits[0][0, inside], alone_mtp, rtol=0, atol=1e-5)
     assert not torch.allclose(unmasked[lengths[0]:], packed.logits[0, lengths[0]:], atol=1e-3)   # the mask matters
+
+
+def test_flex_document_mask_equals_dense():
+    """The two forms of `document_mask`: FlexAttention with a BlockMask (what CUDA runs) and SDPA with the dense
+    mask, in float64, over rows whose documents span several 128-token blocks (some blocks skipped whole) and a
+    padding tail (-1, as SFT packs it). Forward only: FlexAttention has no CPU backward (the gradients are compared
+    on the GPU, tests/test_train_gpu.py)."""
+    cfg = preset("tiny")
+    mla = MLA(cfg, 0).double()
+    B, T = 2, 300
+    lengths = [[40, 170, 90], [128, 128, 30, 14]]
+    doc_ids = torch.stack([torch.repeat_interleave(torch.arange(len(n)), torch.tensor(n)) for n in lengths])
+    doc_ids[1, -14:] = -1
+    x = torch.randn(B, T, cfg.hidden_size, dtype=torch.float64)
+    cos, sin = (t.double() for t in rope_cos_sin(inv_frequencies(cfg), torch.arange(T).expand(B, T)))
+    flex, dense = document_mask(doc_ids, flex=True), document_mask(doc_ids, flex=False)
+    assert isinstance(flex, BlockMask) and dense.shape == (B, T, T)
+    with torch.no_grad():
+        torch.testing.assert_close(mla(x, cos, sin, mask=flex), mla(x, cos, sin, mask=dense), rtol=1e-10, atol=1e-12)
+        assert not torch.allclose(mla(x, cos, sin), mla(x, cos, sin, mask=dense))   # the documents do matter
 
 
 def test_balance_bias_stays_fp32_when_model_is_cast():

@@ -7,7 +7,8 @@ import torch
 
 from nanoseek.config import preset
 from nanoseek.data.tokenizer import SPECIAL_TOKENS, train_tokenizer
-from nanoseek.post.chat import IGNORE, document_mask, encode_chat, pack, read_chat_jsonl
+from nanoseek.model.mla import document_mask
+from nanoseek.post.chat import IGNORE, encode_chat, pack, read_chat_jsonl
 from nanoseek.post.tasks import REASONING_PROMPT, get_task
 
 from .helpers import random_model
@@ -52,7 +53,7 @@ def test_packing_is_exact(tok):
     assert packed.targets == sum(sum(t[1:]) for _, t in samples)
     model = random_model(preset("tiny", vocab_size=tok.vocab_size))
     with torch.no_grad():
-        got = model.loss(packed.input_ids, packed.labels, mask=document_mask(packed.docs)).ce
+        got = model.loss(packed.input_ids, packed.labels, doc_ids=packed.docs).ce
         total, count = 0.0, 0
         for ids, target in samples:   # each sample alone, from position 0
             x = torch.tensor([ids[:-1]])

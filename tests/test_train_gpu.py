@@ -1,10 +1,14 @@
 """The trainer on CUDA (run on the device machine: pytest -m gpu tests/test_train_gpu.py): bf16 autocast with
 compiled blocks (with and without CUDA graphs and recomputation), and FP8 GEMMs, all learn and export a loadable
 HF checkpoint."""
+import functools
+
 import pytest
 import torch
 
 from nanoseek.io import load_hf
+from nanoseek.model import transformer
+from nanoseek.model.mla import document_mask
 from nanoseek.train.loop import Trainer
 from nanoseek.train.metrics import read
 
@@ -42,3 +46,27 @@ def test_cuda_graphs_do_not_change_training(tmp_path, data_dir):  # noqa: F811
                       if r["split"] in ("train", "val")]
     assert len(ce["true"]) == len(ce["false"]) == 11  # 8 steps, evaluations at steps 0, 4 and 8
     torch.testing.assert_close(torch.tensor(ce["true"]), torch.tensor(ce["false"]), rtol=2e-3, atol=0)
+
+
+def test_document_mask_flex_trains_like_dense(tmp_path, data_dir, monkeypatch):  # noqa: F811
+    """data.document_mask on CUDA, compiled blocks replayed as CUDA graphs: FlexAttention with each step's new
+    BlockMask gives the per-step losses of SDPA with the dense mask, and after the first steps no training step
+    compiles anything new (the BlockMask is an input of the compiled blocks, not a constant; the final evaluation,
+    in eval mode, does compile its own graphs)."""
+    ce = {}
+    for impl in ("flex", "dense"):
+        if impl == "dense":
+            monkeypatch.setattr(transformer, "document_mask", functools.partial(document_mask, flex=False))
+        out = tmp_path / impl
+        cfg = config(out, data_dir, "run.device=\"cuda\"", "run.compile=true", "run.cuda_graphs=true",
+                     "data.document_mask=true", "run.steps=10", "eval.every=0", "checkpoint.every=0")
+        trainer = Trainer(cfg)
+        trainer.fit(until=3)
+        graphs = dict(torch._dynamo.utils.counters["stats"])
+        trainer.fit(until=9)
+        if impl == "flex":
+            assert dict(torch._dynamo.utils.counters["stats"]) == graphs
+        trainer.fit()
+        ce[impl] = [r["ce"] for r in read(f"{out}/metrics.jsonl") if r["split"] == "train"]
+    assert len(ce["flex"]) == 10 and ce["flex"][-1] < ce["flex"][0] - 0.5
+    torch.testing.assert_close(torch.tensor(ce["flex"]), torch.tensor(ce["dense"]), rtol=1e-2, atol=0)

@@ -1,9 +1,9 @@
 """Data: byte-level BPE tokenizer (HF files), the embedded default corpus, `prepare` (text -> token shards) and
 the deterministic packed-sequence loader."""
 from .corpus import default_corpus, default_prompts
-from .loader import TokenLoader, document_mask
+from .loader import TokenLoader
 from .prepare import prepare
 from .tokenizer import SPECIAL_TOKENS, Tokenizer, train_tokenizer
 
-__all__ = ["default_corpus", "default_prompts", "TokenLoader", "document_mask", "prepare", "SPECIAL_TOKENS",
+__all__ = ["default_corpus", "default_prompts", "TokenLoader", "prepare", "SPECIAL_TOKENS",
            "Tokenizer", "train_tokenizer"]

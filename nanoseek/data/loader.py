@@ -53,13 +53,3 @@ class TokenLoader:
             return x, y
         ends = (x[:, :-1] == self.eos_id).long()   # a new document starts right after each eos
         return x, y, torch.cat([torch.zeros_like(x[:, :1]), ends.cumsum(dim=1)], dim=1)
-
-
-def document_mask(doc_ids: torch.Tensor) -> torch.Tensor:
-    """(B, T) document index of each token (`batch(..., doc_ids=True)`) -> (B, T, T) bool mask of the (query,
-    key) pairs a token may attend to: itself and the earlier tokens of its own document (the model's `mask`).
-    Positions are not restarted per document: RoPE scores depend on i − j only, so within a document the result is
-    that of the document alone."""
-    T = doc_ids.shape[1]
-    causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
-    return (doc_ids[:, :, None] == doc_ids[:, None, :]) & causal

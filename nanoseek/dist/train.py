@@ -128,9 +128,9 @@ class DistTrainer(Trainer):
         self.model.eval()
         losses = []
         for batch in self.val_data.val_batches(self.cfg.eval.batches, doc_ids=self.cfg.data.document_mask):
-            x, y, mask = self._on_device(batch, self._rows())
+            x, y, docs = self._on_device(batch, self._rows())
             with self._autocast():
-                losses.append(self.model.loss(x, y, mask=mask).ce.float())
+                losses.append(self.model.loss(x, y, doc_ids=docs).ce.float())
         self.model.train()
         return self._mean_over_ranks(torch.stack(losses).mean()).item()
 

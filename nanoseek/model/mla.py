@@ -7,7 +7,8 @@
     RoPE on q_rope and on the single k_rope shared by all heads.
 
 Two ways to compute the same attention:
-  * `forward` without a cache expands k and v per head and runs SDPA (training, prefill);
+  * `forward` without a cache expands k and v per head and runs SDPA (training, prefill), or FlexAttention when
+    packed documents are masked from each other (`document_mask`);
   * with a cache, the up-projections are absorbed: only (c_kv, k_rope) are stored per token and
         score = (q_nope W_UK) · c_kv + q_rope · k_rope,      out = (softmax · c_kv) W_UV
     which reads kv_lora_rank + qk_rope_head_dim values per cached token instead of H·(d_qk + d_v).
@@ -17,10 +18,32 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from ..config import ModelConfig
 from .layers import RMSNorm
 from .rope import apply_rope
+
+
+def document_mask(doc_ids: torch.Tensor, flex: bool | None = None) -> torch.Tensor | BlockMask:
+    """(B, T) document index of each token -> the (query, key) pairs a token may attend to: itself and the earlier
+    tokens of its own document. With `flex` (default: on CUDA) a FlexAttention BlockMask, so that the attention
+    kernel skips the 128×128 blocks that cross documents instead of reading a dense mask; otherwise a dense
+    (B, T, T) bool for SDPA.
+    Positions are not restarted per document: RoPE scores depend on i − j only, so within a document the result is
+    that of the document alone."""
+    B, T = doc_ids.shape
+    if doc_ids.is_cuda if flex is None else flex:
+        def same_document_causal(b, h, q, k):
+            return (doc_ids[b, q] == doc_ids[b, k]) & (q >= k)
+        # compiled on CUDA: evaluated eagerly, the (B, T, T) pairs would pass through int64 temporaries
+        return create_block_mask(same_document_causal, B, None, T, T, device=doc_ids.device, _compile=doc_ids.is_cuda)
+    causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
+    return (doc_ids[:, :, None] == doc_ids[:, None, :]) & causal
+
+
+# FlexAttention is fast only compiled (eager, it materializes the scores); inside a compiled block this is inlined
+_compiled_flex_attention = torch.compile(flex_attention, dynamic=False)
 
 
 class MLA(nn.Module):
@@ -62,9 +85,9 @@ class MLA(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, T, H). Without a cache: causal attention over x (`mask`, if given, is a (B, T, T) bool
-        mask of allowed pairs, e.g. for document masking). With a cache: attend to the cached prefix plus x,
-        `mask` (B, T, S) is then required."""
+        """x (B, T, H). Without a cache: causal attention over x (`mask`, if given, is `document_mask`'s BlockMask
+        or (B, T, T) bool of allowed pairs). With a cache: attend to the cached prefix plus x, `mask` (B, T, S) is
+        then required."""
         q_nope, q_rope = self.project_q(x).split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
         q_rope = apply_rope(q_rope, cos, sin, self.rope_interleave)
         c_kv, k_rope = self.project_kv_latent(x, cos, sin)
@@ -82,6 +105,9 @@ class MLA(nn.Module):
         q = torch.cat([q_nope, q_rope], dim=-1).transpose(1, 2)                      # (B, nh, T, d_qk)
         k = torch.cat([k_nope, k_rope[:, :, None].expand(B, T, self.n_heads, -1)], dim=-1).transpose(1, 2)
         v = v.transpose(1, 2)
+        if isinstance(mask, BlockMask):   # FlexAttention takes d_v < d_qk on every GPU
+            attend = _compiled_flex_attention if q.is_cuda else flex_attention
+            return attend(q, k, v, block_mask=mask, scale=self.softmax_scale).transpose(1, 2)
         d_v = self.v_head_dim
         if q.is_cuda and d_v < self.qk_head_dim and torch.cuda.get_device_capability(q.device)[0] < 9:
             # before Hopper, SDPA's flash kernel wants one head dim for q, k and v: zero-pad v (192 vs 128 at V3)

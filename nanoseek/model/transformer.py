@@ -14,6 +14,7 @@ from ..config import ModelConfig
 from .block import Block
 from .layers import FP32Buffers, RMSNorm
 from .loss import chunked_cross_entropy
+from .mla import document_mask
 from .moe import Experts, Gate, RouterStats
 from .mtp import MTPModule
 from .rope import attention_factor, inv_frequencies, rope_cos_sin
@@ -77,20 +78,24 @@ class DeepSeekV3(FP32Buffers):
         return rope_cos_sin(self.inv_freq, positions, self.rope_scale)
 
     def forward(self, input_ids: torch.Tensor, *, cache=None, seq_lens: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None, mtp: bool = False, return_stats: bool = False,
+                doc_ids: torch.Tensor | None = None, mtp: bool = False, return_stats: bool = False,
                 logits: bool = True) -> Output:
         """input_ids (B, T).
 
         cache: a LatentCache (infer/cache.py); the tokens are appended after each row's cached prefix and the
             cache advances by T, or by seq_lens[b] (B,) for right-padded rows with fewer valid tokens.
-        mask: optional (B, T, T) bool of allowed (query, key) pairs when there is no cache (document masking);
-            causal otherwise. mtp: also run the MTP modules (training).
+        doc_ids: optional (B, T) document index of each token when there is no cache: packed documents attend only
+            within themselves (`document_mask`); causal over the whole row otherwise. mtp: also run the MTP modules
+            (training).
         """
         B, T = input_ids.shape
         if cache is not None:
+            if doc_ids is not None:
+                raise ValueError("doc_ids: document masking applies without a cache (training, scoring)")
             positions, mask = cache.begin(T)
         else:
             positions = torch.arange(T, device=input_ids.device).expand(B, T)
+            mask = None if doc_ids is None else document_mask(doc_ids)
         cos, sin = self.rope(positions)
         x = self.embed_tokens(input_ids)
         stats = []
@@ -108,7 +113,7 @@ class DeepSeekV3(FP32Buffers):
                     break
                 # depth k at position i sees h^{k-1}_i and Emb(t_{i+k}) (length T-k); a document mask applies by
                 # h's positions, so inside a document depth k sees what it would see on the document alone
-                m = None if mask is None else mask[:, : T - k, : T - k]
+                m = None if doc_ids is None else document_mask(doc_ids[:, : T - k])
                 h, s = module(h[:, : T - k], self.embed_tokens(input_ids[:, k:]),
                               cos[:, : T - k], sin[:, : T - k], None, m, return_stats)
                 out.mtp_hidden.append(h)
@@ -119,11 +124,11 @@ class DeepSeekV3(FP32Buffers):
         return out
 
     def loss(self, input_ids: torch.Tensor, labels: torch.Tensor, *, mtp_lambda: float = 0.0,
-             balance_alpha: float = 0.0, mask: torch.Tensor | None = None, ignore_index: int = -100) -> Loss:
+             balance_alpha: float = 0.0, doc_ids: torch.Tensor | None = None, ignore_index: int = -100) -> Loss:
         """labels[b, i] is the token after input_ids[b, i] (ignore_index to skip). MTP depth k at position i
         is scored on labels[b, i+k]."""
         use_mtp = mtp_lambda > 0 and len(self.mtp) > 0
-        out = self.forward(input_ids, mask=mask, mtp=use_mtp, return_stats=True, logits=False)
+        out = self.forward(input_ids, doc_ids=doc_ids, mtp=use_mtp, return_stats=True, logits=False)
         w = self.lm_head.weight
         ce = chunked_cross_entropy(out.hidden, w, labels, ignore_index)
         total, mtp_loss, balance = ce, None, None

@@ -68,7 +68,7 @@ def encode_chat(tokenizer, messages: list[dict]) -> tuple[list[int], list[bool]]
 class Packed:
     input_ids: torch.Tensor   # (N, seq_len)
     labels: torch.Tensor      # (N, seq_len): the next token where it is a target, else IGNORE
-    docs: torch.Tensor        # (N, seq_len): sample index within the row; padding is -1
+    docs: torch.Tensor        # (N, seq_len): sample index within the row, the model's doc_ids; padding is -1
     truncated: int            # samples cut to fit seq_len + 1 tokens
     targets: int              # supervised tokens in all rows
 
@@ -123,11 +123,3 @@ def pack(samples: list[tuple[list[int], list[bool]]], seq_len: int, pad_id: int,
         labels[r, : len(y)] = torch.tensor(y)
         docs[r, : len(d)] = torch.tensor(d)
     return Packed(input_ids, labels, docs, truncated, int((labels != IGNORE).sum()))
-
-
-def document_mask(docs: torch.Tensor) -> torch.Tensor:
-    """(B, T) sample indices -> (B, T, T) bool: query i may see key j iff j <= i and both are in one sample
-    (padding, index -1, sees only padding, so no row of the mask is empty)."""
-    T = docs.shape[1]
-    causal = torch.ones(T, T, dtype=torch.bool, device=docs.device).tril()
-    return causal & (docs[:, :, None] == docs[:, None, :])

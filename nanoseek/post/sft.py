@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 
 from ..train.config import knob
-from .chat import document_mask, encode_chat, pack, read_chat_jsonl
+from .chat import encode_chat, pack, read_chat_jsonl
 from .run import Run
 from .tasks import get_task
 
@@ -102,7 +102,7 @@ def sft(cfg: SFTConfig, init: str | None, out_dir: str, device: str = "auto", re
             lr = run.lr()
             x, y, docs = (t.to(run.device) for t in packed.batch(run.step, cfg.batch_size, cfg.seed))
             with run.autocast():
-                out = model.loss(x, y, mtp_lambda=cfg.mtp_lambda, mask=document_mask(docs))
+                out = model.loss(x, y, mtp_lambda=cfg.mtp_lambda, doc_ids=docs)
             out.total.backward()
             grad_norm = run.optimizer_step(lr)
             run.step += 1

@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from ..data.loader import TokenLoader, document_mask
+from ..data.loader import TokenLoader
 from ..data.tokenizer import Tokenizer
 from ..fp8 import convert_to_fp8
 from ..model import DeepSeekV3
@@ -145,10 +145,10 @@ class Trainer:
         return self._on_device(self.train_data.batch(index, doc_ids=self.cfg.data.document_mask))
 
     def _on_device(self, batch, rows: slice = slice(None)):
-        """A loader batch (x, y[, doc_ids]) -> x, y and the document mask (None without doc_ids) on the device,
-        keeping `rows` of each."""
-        x, y = (t[rows].to(self.device, non_blocking=True) for t in batch[:2])
-        return x, y, document_mask(batch[2][rows].to(self.device)) if len(batch) > 2 else None
+        """A loader batch (x, y[, doc_ids]) -> x, y and doc_ids (None without them) on the device, keeping `rows`
+        of each."""
+        x, y, *docs = (t[rows].to(self.device, non_blocking=True) for t in batch)
+        return x, y, docs[0] if docs else None
 
     def train_step(self) -> dict:
         cfg, s, total = self.cfg, self.step, self.cfg.run.steps
@@ -164,9 +164,9 @@ class Trainer:
         sums, load = {}, None
         self._begin_graph_step()   # once per optimizer step: the micro-batches' gradients accumulate in graph memory
         for micro in range(accum):
-            x, y, mask = self._micro_batch(s * accum + micro)
+            x, y, docs = self._micro_batch(s * accum + micro)
             with self._autocast():
-                out = self.model.loss(x, y, mtp_lambda=lam, balance_alpha=cfg.balance.alpha, mask=mask)
+                out = self.model.loss(x, y, mtp_lambda=lam, balance_alpha=cfg.balance.alpha, doc_ids=docs)
             (out.total / accum).backward()
             for name in ("total", "ce", "mtp", "balance"):
                 value = getattr(out, name)
@@ -220,10 +220,10 @@ class Trainer:
         self.model.eval()
         losses = []
         for batch in self.val_data.val_batches(self.cfg.eval.batches, doc_ids=self.cfg.data.document_mask):
-            x, y, mask = self._on_device(batch)
+            x, y, docs = self._on_device(batch)
             self._begin_graph_step()
             with self._autocast():
-                losses.append(self.model.loss(x, y, mask=mask).ce.float())
+                losses.append(self.model.loss(x, y, doc_ids=docs).ce.float())
         self.model.train()
         return torch.stack(losses).mean().item()
 
