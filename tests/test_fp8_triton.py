@@ -11,6 +11,8 @@ division) and GEMMs (against the emulation on the same FP8 operands) are compare
 cannot show GPU miscompiles, such as the wrong transposed copies `tl.trans` of an fp8 tile gave on an H200.
 """
 import os
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -188,3 +190,42 @@ def test_backward_keeps_fp8_operands_only():
     fp8 = [tuple(t.shape) for t in saved if t.dtype == torch.float8_e4m3fn]
     assert sorted(fp8) == sorted([(384, 256), (384, 512)])   # xᵀ token tiles (K, T·128) and Wᵀ (K, N)
     assert all(t.dtype in (torch.float8_e4m3fn, torch.float32, torch.int32) for t in saved)
+
+
+_GLUON_PTX = """
+import sys, torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.experimental.gluon._runtime import GluonASTSource
+from triton.runtime.jit import mangle_type
+from nanoseek.kernels import fp8_gemm_sm90 as k
+from nanoseek.kernels.fp8_quant import block_g
+G, M, Np, Kp = 4, 1000, 256, 640
+a = torch.zeros(M, Kp, dtype=torch.float8_e4m3fn)
+b = torch.zeros(G * Np, Kp, dtype=torch.float8_e4m3fn)
+pointers = dict(a_desc=k._descriptor(a, k.BLOCK_M), sa_ptr=torch.zeros(1), b_desc=k._descriptor(b, k.BLOCK_N),
+                sb_ptr=torch.zeros(1), c_ptr=torch.zeros(1, dtype=torch.bfloat16),
+                counts_ptr=torch.zeros(1, dtype=torch.int32))
+names = list(k._gemm_rows_kernel.arg_names)
+const = dict(BLOCK_G=block_g(G), STAGES=3, num_warps=k.NUM_WARPS)
+signature = {n: mangle_type(pointers[n]) if n in pointers else "constexpr" if n in const else "i32" for n in names}
+src = GluonASTSource(k._gemm_rows_kernel, signature, constexprs={(names.index(n),): v for n, v in const.items()})
+sys.stdout.write(triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=k.NUM_WARPS)).asm["ptx"])
+"""
+
+
+def test_gluon_grouped_gemm_compiles_for_sm90_with_overlapped_products():
+    """The Gluon kernel (kernels/fp8_gemm_sm90.py) has no interpreter: compile it for sm90 here, where there is no
+    GPU (in a process without TRITON_INTERPRET, which would turn its helpers into interpreted functions), and check
+    the schedule that makes it fast in its PTX: FP8 wgmma, waits that leave the next block's product in flight
+    (`wait_group 1`) around the promotions, and none of the register copies of a product in flight that make ptxas
+    serialize the wgmmas. Its numbers are checked on the GPU (tests/test_fp8_gpu.py)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", _GLUON_PTX], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    ptx = run.stdout
+    assert "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3" in ptx
+    waits = [i for i in range(len(ptx)) if ptx.startswith("wgmma.wait_group.sync.aligned 1;", i)]
+    assert len(waits) >= 4
+    # between a wait that hands back one product and the next wgmma issue: the promotion's FMAs, no register copies
+    issue = ptx.index("wgmma.fence", waits[0])
+    assert "fma.rn.f32" in ptx[waits[0]:issue] and "mov.b32" not in ptx[waits[0]:issue]

@@ -1,11 +1,12 @@
 """FP8 training arithmetic on Hopper: Triton quantization, cuBLAS block-scaled `torch._scaled_mm` for plain
-linear layers, Triton grouped GEMMs for the experts. Same interface and numbers as fp8/emulate.py (up to the
-GEMMs' summation order and the rounding of their outputs).
+linear layers, Gluon (sm90) and Triton grouped GEMMs for the experts. Same interface and numbers as
+fp8/emulate.py (up to the GEMMs' summation order and the rounding of their outputs).
 
 Each GEMM tries its paths in order (fp8/paths.py: a path that raises, or whose first result per shape disagrees
 with the emulation, falls back for that shape with a one-time warning):
     plain linear:  torch._scaled_mm (cuBLAS, 1×128 · 128×128 and 1×128 · 1×128 scales) → Triton → emulation
-    experts:       Triton grouped GEMM → a loop of torch._scaled_mm over experts → emulation
+    experts:       Gluon grouped GEMM (Fprop, Dgrad; sm90 only) → Triton grouped GEMM → a loop of torch._scaled_mm
+                   over experts → emulation
 `torch._scaled_grouped_mm` is not used: on sm90 it takes tensor-wise or row-wise scales only, not V3's blocks.
 
 `_scaled_mm` layouts (torch 2.11, sm90): A (M, K) row-major with scale (M, K/128) column-major, strides exactly
@@ -22,7 +23,7 @@ from typing import Optional
 
 import torch
 
-from ..kernels import fp8_gemm, fp8_quant
+from ..kernels import fp8_gemm, fp8_gemm_sm90, fp8_quant
 from ..kernels.fp8_quant import BLOCK, Blocks, Rows, Tokens
 from .paths import first_that_runs, scaled_mm_reads
 
@@ -136,7 +137,9 @@ def _rows_gemm(op, a: Rows, b, b_scale, n, counts, out_dtype):
                                                   out_dtype)),
             ("emulated", lambda: _emulated_rows(a, b[None], b_scale[None], _one_group(a), n, out_dtype))])
     counts = counts.to(torch.int32)
+    sm90 = a.q.is_cuda and torch.cuda.get_device_capability(a.q.device) == (9, 0)
     return first_that_runs(key, [
+        *([("gluon", lambda: fp8_gemm_sm90.gemm_rows(a, b, b_scale, counts, n, out_dtype))] if sm90 else []),
         ("triton", lambda: fp8_gemm.gemm_rows(a, b, b_scale, BLOCK, counts, n, out_dtype)),
         ("scaled_mm loop", lambda: _scaled_mm_rows_loop(a, b, b_scale, counts, n, out_dtype)),
         ("emulated", lambda: _emulated_rows(a, b, b_scale, counts, n, out_dtype))])
