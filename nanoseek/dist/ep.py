@@ -6,10 +6,11 @@ One MoE layer on rank r with its N tokens (top-K routing, so N·K (token, slot) 
     2. sort the rows by global expert id: rows for rank q's experts are then contiguous (experts are placed
        in blocks), so one all-to-all sends each block to its owner. Row counts per expert go first
        (all_to_all_single of E integers), which gives every rank its receive sizes;
-    3. dispatch: all_to_all_single of the rows; received rows are grouped (source rank, local expert) and are
-       regrouped (local expert, source rank) for the grouped GEMM (`Experts.forward_sorted`);
+    3. dispatch: all_to_all_single of the rows and of their gate weights g; received rows are grouped (source
+       rank, local expert) and are regrouped (local expert, source rank) for the grouped GEMM
+       (`Experts.forward_sorted`), which weights each row by its g before the down projection, as on one device;
     4. combine: the reverse regrouping and all-to-all bring every row back to its token's rank, where rows are
-       un-sorted and summed with the gate weights: h_t = Σ_k g_{k,t} FFN_{i_k}(u_t).
+       un-sorted and summed: h_t = Σ_k g_{k,t} FFN_{i_k}(u_t).
 No capacity factor, no dropped tokens: the splits are whatever the gate chose.
 
 Autograd: the dispatch's gradient is the combine of the gradients (the same all-to-all with send and receive
@@ -105,35 +106,44 @@ class EPExperts(Experts):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         N, K = indices.shape
+        g = weights.reshape(N * K, 1)                                # one gate weight per (token, slot) row
         if self.overlap:   # on every rank alike (the collectives must pair up), even with < 2 tokens here
-            y = torch.cat(self._pipelined([x[: N // 2], x[N // 2:]], [indices[: N // 2], indices[N // 2:]]))
+            h = N // 2
+            y = torch.cat(self._pipelined([x[:h], x[h:]], [g[: h * K], g[h * K:]], [indices[:h], indices[h:]]))
         else:
             plan = _Plan(indices, self.n_total, self.ep, self.group)
-            y = self._combine(self._compute(self._dispatch(x, plan, K), plan), plan)
-        return (y.view(N, K, -1) * weights[..., None].to(y.dtype)).sum(dim=1)
+            y = self._combine(self._compute(*self._dispatch(x, g, plan, K), plan), plan)
+        return y.view(N, K, -1).sum(dim=1)                           # each row already weighted by its g_k
 
-    # the three stages of one micro-batch (with handle: launched async, finished by _wait)
-    def _dispatch(self, x, plan, k, handle=None):
-        sent = gather_rows(x, plan.order, plan.inverse, k)     # each token's k rows, in the order they are sent
-        return _AllToAll.apply(sent, plan.out_splits, plan.in_splits, self.group, handle)
+    # the three stages of one micro-batch (with handles: launched async, finished by _Wait)
+    def _dispatch(self, x, g, plan, k, handles=(None, None)):
+        """Each token's k rows and their gate weights, in the order they are sent, to the experts' owners."""
+        sent = gather_rows(x, plan.order, plan.inverse, k)
+        g_sent = gather_rows(g, plan.order, plan.inverse)
+        return tuple(_AllToAll.apply(t, plan.out_splits, plan.in_splits, self.group, hd)
+                     for t, hd in zip((sent, g_sent), handles))
 
-    def _compute(self, received, plan):
+    def _compute(self, received, g_received, plan):
         local = gather_rows(received, plan.regroup, plan.ungroup)
-        return gather_rows(self.forward_sorted(local, plan.counts), plan.ungroup, plan.regroup)
+        g_local = gather_rows(g_received, plan.regroup, plan.ungroup)[:, 0]
+        return gather_rows(self.forward_sorted(local, plan.counts, g_local), plan.ungroup, plan.regroup)
 
     def _combine(self, y, plan, handle=None):
         back = _AllToAll.apply(y, plan.in_splits, plan.out_splits, self.group, handle)
         return back if handle is not None else gather_rows(back, plan.inverse, plan.order)
 
-    def _pipelined(self, xs: list, indices: list) -> list:
+    def _pipelined(self, xs: list, gs: list, indices: list) -> list:
         """Two micro-batches: dispatch(1) ‖ compute(0), combine(0) ‖ compute(1). Every rank issues the
-        collectives in the same order: counts 0, counts 1, dispatch 0, dispatch 1, combine 0, combine 1."""
+        collectives in the same order: counts 0, counts 1, dispatch 0 (rows, weights), dispatch 1, combine 0,
+        combine 1."""
         plans = [_Plan(i, self.n_total, self.ep, self.group) for i in indices]
-        h = [{}, {}, {}, {}]
-        sent = [self._dispatch(x, p, i.shape[1], hd) for x, p, i, hd in zip(xs, plans, indices, h[:2])]
-        y0 = self._compute(_Wait.apply(sent[0], h[0]), plans[0])
+        h = [({}, {}), ({}, {}), {}, {}]
+        sent = [self._dispatch(x, g, p, i.shape[1], hd) for x, g, p, i, hd in zip(xs, gs, plans, indices, h[:2])]
+        def arrived(i):   # micro-batch i's rows and weights, once their all-to-alls are done
+            return [_Wait.apply(t, hd) for t, hd in zip(sent[i], h[i])]
+        y0 = self._compute(*arrived(0), plans[0])
         back0 = self._combine(y0, plans[0], h[2])                 # in flight while micro-batch 1 computes
-        y1 = self._compute(_Wait.apply(sent[1], h[1]), plans[1])
+        y1 = self._compute(*arrived(1), plans[1])
         back1 = self._combine(y1, plans[1], h[3])
         out = []
         for back, p, hd in zip((back0, back1), plans, h[2:]):
