@@ -108,8 +108,8 @@ class EPExperts(Experts):
         N, K = indices.shape
         g = weights.reshape(N * K, 1)                                # one gate weight per (token, slot) row
         if self.overlap:   # on every rank alike (the collectives must pair up), even with < 2 tokens here
-            h = N // 2
-            y = torch.cat(self._pipelined([x[:h], x[h:]], [g[: h * K], g[h * K:]], [indices[:h], indices[h:]]))
+            m = N // 2
+            y = torch.cat(self._pipelined([x[:m], x[m:]], [g[: m * K], g[m * K:]], [indices[:m], indices[m:]]))
         else:
             plan = _Plan(indices, self.n_total, self.ep, self.group)
             y = self._combine(self._compute(*self._dispatch(x, g, plan, K), plan), plan)
@@ -139,6 +139,7 @@ class EPExperts(Experts):
         plans = [_Plan(i, self.n_total, self.ep, self.group) for i in indices]
         h = [({}, {}), ({}, {}), {}, {}]
         sent = [self._dispatch(x, g, p, i.shape[1], hd) for x, g, p, i, hd in zip(xs, gs, plans, indices, h[:2])]
+
         def arrived(i):   # micro-batch i's rows and weights, once their all-to-alls are done
             return [_Wait.apply(t, hd) for t, hd in zip(sent[i], h[i])]
         y0 = self._compute(*arrived(0), plans[0])
