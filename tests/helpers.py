@@ -22,3 +22,12 @@ def randomize(model, std: float = 0.02, seed: int = 0):
 def random_model(cfg, seed: int = 0) -> DeepSeekV3:
     torch.manual_seed(seed)
     return randomize(DeepSeekV3(cfg).eval(), seed=seed)
+
+
+def packed_doc_ids(device=None) -> torch.Tensor:
+    """(2, 300) document indices for the attention-mask tests: documents that span several 128-token blocks (so
+    some blocks are skipped whole) and a padding tail of -1, as SFT packs it."""
+    lengths = [[40, 170, 90], [128, 128, 30, 14]]
+    doc_ids = torch.stack([torch.repeat_interleave(torch.arange(len(n)), torch.tensor(n)) for n in lengths])
+    doc_ids[1, -14:] = -1
+    return doc_ids.to(device)

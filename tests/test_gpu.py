@@ -10,7 +10,7 @@ from nanoseek.kernels.grouped_mm import grouped_mm, grouped_mm_reference
 from nanoseek.model.mla import MLA, document_mask
 from nanoseek.model.rope import inv_frequencies, rope_cos_sin
 
-from .helpers import random_model
+from .helpers import packed_doc_ids, random_model
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -44,9 +44,7 @@ def test_flex_document_mask_matches_float64_dense_on_cuda():
     mask in float64: MLA's output and the gradients of its input and weights (CPU has no FlexAttention backward)."""
     cfg = preset("tiny")
     B, T = 2, 300
-    lengths = [[40, 170, 90], [128, 128, 30, 14]]
-    doc_ids = torch.stack([torch.repeat_interleave(torch.arange(len(n)), torch.tensor(n)) for n in lengths]).cuda()
-    doc_ids[1, -14:] = -1
+    doc_ids = packed_doc_ids("cuda")
     cos, sin = rope_cos_sin(inv_frequencies(cfg), torch.arange(T, device="cuda").expand(B, T))
     x = torch.randn(B, T, cfg.hidden_size, device="cuda")
     mla = MLA(cfg, 0).cuda()

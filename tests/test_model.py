@@ -8,7 +8,7 @@ from nanoseek.infer.cache import LatentCache
 from nanoseek.model.mla import MLA, document_mask
 from nanoseek.model.rope import inv_frequencies, rope_cos_sin
 
-from .helpers import random_model
+from .helpers import packed_doc_ids, random_model
 
 
 @pytest.mark.parametrize("overrides", [{}, {"q_lora_rank": None, "rope_interleave": False, "n_group": 1,
@@ -206,9 +206,7 @@ def test_flex_document_mask_equals_dense():
     cfg = preset("tiny")
     mla = MLA(cfg, 0).double()
     B, T = 2, 300
-    lengths = [[40, 170, 90], [128, 128, 30, 14]]
-    doc_ids = torch.stack([torch.repeat_interleave(torch.arange(len(n)), torch.tensor(n)) for n in lengths])
-    doc_ids[1, -14:] = -1
+    doc_ids = packed_doc_ids()
     x = torch.randn(B, T, cfg.hidden_size, dtype=torch.float64)
     cos, sin = (t.double() for t in rope_cos_sin(inv_frequencies(cfg), torch.arange(T).expand(B, T)))
     flex, dense = document_mask(doc_ids, flex=True), document_mask(doc_ids, flex=False)
