@@ -58,3 +58,30 @@ def test_flex_document_mask_matches_float64_dense_on_cuda():
     assert isinstance(document_mask(doc_ids), BlockMask)
     for got, ref in zip(*results):
         assert (got.double() - ref).norm() / ref.norm() < 5e-3   # TF32 matmuls in the flex kernel
+
+
+def test_moe_row_kernels_on_cuda_match_references():
+    """The Triton row kernels (kernels/moe_rows_triton.py) on the GPU: the gather is a copy (exact), the sum one
+    rounding of an fp32 sum, and a MoE layer through them gives the float64 CPU reference's output and gradients."""
+    from nanoseek.kernels import moe_rows, moe_rows_triton
+    torch.manual_seed(0)
+    src = torch.randn(300, 1000, device="cuda", dtype=torch.bfloat16)
+    index = torch.randperm(1200, device="cuda")
+    assert torch.equal(moe_rows_triton.gather_rows(src, index, 4), moe_rows.gather_rows_reference(src, index, 4))
+    rows = torch.randn(1200, 1000, device="cuda", dtype=torch.bfloat16)
+    fp32 = rows.float()[index].view(300, 4, 1000).sum(1)
+    assert torch.equal(moe_rows_triton.sum_rows(rows, index, 4), fp32.bfloat16())
+
+    cfg = preset("tiny", n_routed_experts=8, num_experts_per_tok=3, hidden_size=256, moe_intermediate_size=96)
+    moe = random_model(cfg).layers[1].mlp
+    x = torch.randn(2, 100, cfg.hidden_size)
+    results = []
+    for device, dtype in (("cpu", torch.float64), ("cuda", torch.float32)):
+        m = copy.deepcopy(moe).to(device, dtype)
+        xi = x.to(device, dtype).requires_grad_()
+        y = m(xi)
+        y.square().sum().backward()
+        results.append([t.double().cpu() for t in (y, xi.grad, m.experts.gate_up_proj.grad,
+                                                   m.experts.down_proj.grad, m.gate.weight.grad)])
+    for ref, got in zip(*results):
+        assert (got - ref).norm() / ref.norm() < 1e-4

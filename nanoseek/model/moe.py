@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from ..kernels import grouped_mm
+from ..kernels import grouped_mm, moe_rows
 from .layers import MLP, FP32Buffers
 
 
@@ -112,8 +112,8 @@ class Experts(nn.Module):
             0, flat, torch.ones_like(flat))
         x_sorted = gather_rows(x, order, inverse, K)                 # token order[j] // K for sorted row j
         g_sorted = gather_rows(weights.reshape(-1, 1), order, inverse)[:, 0]   # each sorted row's g_k
-        y = gather_rows(self.forward_sorted(x_sorted, counts, g_sorted), inverse, order)
-        return y.view(N, K, -1).sum(dim=1)                # Σ over the K slots, each already weighted by its g_k
+        # Σ over each token's K rows, each already weighted by its g_k
+        return combine_rows(self.forward_sorted(x_sorted, counts, g_sorted), inverse, order, K)
 
 
 def swiglu(gate_up: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
@@ -121,31 +121,64 @@ def swiglu(gate_up: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Te
     before the down projection, which is linear: g·W_down h = W_down (g·h). The combine is then a plain sum over
     the K slots, and g's gradient Σ dh'·h is taken on the (M, I) rows backward has anyway, with no copy of the
     (M, H) expert outputs kept for it."""
-    gate, up = gate_up.chunk(2, dim=-1)
-    h = F.silu(gate) * up
-    return h if scale is None else h * scale[:, None].to(h.dtype)
+    return _SwiGLU.apply(gate_up, scale)
+
+
+class _SwiGLU(torch.autograd.Function):
+    """Backward keeps [gate; up] and the scales, and takes all their gradients in one pass (kernels/moe_rows.py)."""
+
+    @staticmethod
+    def forward(ctx, gate_up, scale):
+        ctx.save_for_backward(gate_up, scale)
+        gate, up = gate_up.chunk(2, dim=-1)
+        h = F.silu(gate) * up
+        return h if scale is None else h * scale[:, None].to(h.dtype)
+
+    @staticmethod
+    def backward(ctx, dh):
+        gate_up, scale = ctx.saved_tensors
+        d_gate_up, d_scale = moe_rows.swiglu_backward(gate_up, scale, dh)
+        return d_gate_up, (d_scale.to(scale.dtype) if scale is not None else None)
 
 
 class _GatherRows(torch.autograd.Function):
     """rows = x[index // k], where index is a permutation of x.shape[0]·k rows (k copies of each row of x).
-    The gradient gathers by the inverse permutation and sums each row's k copies: no scatter-add, deterministic,
-    and the k copies of x are never materialized."""
+    The gradient sums each row's k copies, found by the inverse permutation: no scatter-add, deterministic, and
+    the k copies of x are never materialized."""
 
     @staticmethod
     def forward(ctx, x, index, inverse, k):
         ctx.save_for_backward(inverse)
         ctx.k = k
-        return x[index // k] if k > 1 else x[index]
+        return moe_rows.gather_rows(x, index, k)
 
     @staticmethod
     def backward(ctx, grad):
         (inverse,) = ctx.saved_tensors
-        g = grad[inverse]
-        return (g.view(-1, ctx.k, g.shape[-1]).sum(1) if ctx.k > 1 else g), None, None, None
+        return moe_rows.sum_rows(grad, inverse, ctx.k), None, None, None
+
+
+class _CombineRows(torch.autograd.Function):
+    """out[n] = Σ_{j<k} y[inverse[n·k + j]]: the adjoint of _GatherRows, so its gradient is a gather."""
+
+    @staticmethod
+    def forward(ctx, y, inverse, index, k):
+        ctx.save_for_backward(index)
+        ctx.k = k
+        return moe_rows.sum_rows(y, inverse, k)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (index,) = ctx.saved_tensors
+        return moe_rows.gather_rows(grad, index, ctx.k), None, None, None
 
 
 def gather_rows(x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor, k: int = 1) -> torch.Tensor:
     return _GatherRows.apply(x, index, inverse, k)
+
+
+def combine_rows(y: torch.Tensor, inverse: torch.Tensor, index: torch.Tensor, k: int) -> torch.Tensor:
+    return _CombineRows.apply(y, inverse, index, k)
 
 
 class MoE(nn.Module):
