@@ -1,4 +1,5 @@
-"""Shared bench helpers: CUDA-event timing, the measured bf16 GEMM / copy ceilings, environment line."""
+"""Shared bench helpers: CUDA-event timing, CUDA-graph capture of a training step, the measured bf16 GEMM / copy
+ceilings, environment line."""
 import json
 import os
 import statistics
@@ -47,6 +48,39 @@ def copy_tb_s(nbytes: int = 4 * 2**30) -> float:
     src = torch.empty(nbytes // 2, device="cuda", dtype=torch.bfloat16).normal_()
     dst = torch.empty_like(src)
     return 2 * nbytes / (median(cuda_time_ms(lambda: dst.copy_(src), 3, 10)) * 1e-3) / 1e12
+
+
+def capture(fn, warmup: int = 2, before=lambda: None) -> torch.cuda.CUDAGraph:
+    """fn() captured as a CUDA graph after `warmup` runs on a side stream (where the FP8 paths pick and verify
+    their kernels); before() runs ahead of each warm-up run and of the capture."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            before()
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    before()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
+
+
+def graphed_step_fn(model, x, y, doc_ids=None):
+    """The whole step captured as one CUDA graph (torch.cuda.graph's whole-network recipe): grads set to None
+    before the capture so that its backward allocates them from the graph's pool, AdamW capturable, autocast
+    without its weight-cast cache."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True, capturable=True)
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+            loss = model.loss(x, y, balance_alpha=1e-4, doc_ids=doc_ids).total
+        loss.backward()
+        opt.step()
+        return loss
+    graph = capture(step, warmup=3, before=lambda: opt.zero_grad(set_to_none=True))
+    return graph.replay, opt
 
 
 def env() -> dict:

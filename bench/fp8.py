@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import cuda_time_ms, env, median  # noqa: E402
+from bench.common import capture, cuda_time_ms, env, graphed_step_fn, median  # noqa: E402
 from nanoseek.config import preset  # noqa: E402
 from nanoseek.fp8 import convert_to_fp8, hopper, paths  # noqa: E402
 from nanoseek.fp8.emulate import EmulatedFP8  # noqa: E402
@@ -75,23 +75,6 @@ def linear_shapes(cfg, tokens: int) -> list[tuple[str, int, int, int, int, int]]
 def _routing_counts(rows: int, groups: int) -> torch.Tensor:
     g = torch.Generator(device="cuda").manual_seed(0)
     return torch.bincount(torch.randint(0, groups, (rows,), device="cuda", generator=g), minlength=groups)
-
-
-def capture(fn, warmup: int = 2, before=lambda: None) -> torch.cuda.CUDAGraph:
-    """fn() captured as a CUDA graph after `warmup` runs on a side stream (where the FP8 paths pick and verify
-    their kernels); before() runs ahead of each warm-up run and of the capture."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(warmup):
-            before()
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    before()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph
 
 
 def graph_ms(fn):
@@ -206,22 +189,6 @@ def train_step_fn(model, opt, x, y):
         opt.zero_grad(set_to_none=True)
         return loss
     return step
-
-
-def graphed_step_fn(model, x, y):
-    """The whole step captured as one CUDA graph (torch.cuda.graph's whole-network recipe): grads set to None
-    before the capture so that its backward allocates them from the graph's pool, AdamW capturable, autocast
-    without its weight-cast cache."""
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True, capturable=True)
-
-    def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
-            loss = model.loss(x, y, balance_alpha=1e-4).total
-        loss.backward()
-        opt.step()
-        return loss
-    graph = capture(step, warmup=3, before=lambda: opt.zero_grad(set_to_none=True))
-    return graph.replay, opt
 
 
 def part_b(results, compile_blocks=False, graph=False, iters=8):

@@ -1,7 +1,8 @@
 """Training throughput: nanoseek vs transformers' DeepseekV3ForCausalLM on identical weights (DESIGN.md §5).
 
     python bench/train.py [--preset small] [--batch 8] [--seq 2048] [--no-compile] [--no-cuda-graphs]
-                          [--variants bf16,fp32,eager] [--scaling] [--inductor NAME=VALUE,...] [--doc-len N [--dense-mask]]
+                          [--step-graph] [--variants bf16,fp32,eager] [--scaling] [--inductor NAME=VALUE,...]
+                          [--doc-len N [--dense-mask]]
 
 Both models start from the same checkpoint; their first-step losses must agree. transformers runs as in
 DESIGN.md §4 (bf16 weights, sdpa, fused AdamW); nanoseek runs like for like (bf16 weights) and as its trainer
@@ -10,7 +11,7 @@ graphs (the trainer's run.compile and run.cuda_graphs), and eager. Prints tokens
 activated parameters against the bf16 GEMM rate measured in the same run, and peak memory; then, with
 --scaling, tokens/s as n_routed_experts grows at fixed activated parameters. --doc-len N times nanoseek with
 document masking (data.document_mask) over documents of N tokens: FlexAttention, or with --dense-mask SDPA with a
-dense mask.
+dense mask. --step-graph captures nanoseek's whole step (forward, backward, AdamW) as one CUDA graph.
 """
 import argparse
 import ast
@@ -24,7 +25,7 @@ import torch
 import torch._inductor.config as inductor_config
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import bf16_gemm_tflops, cuda_time_ms, env, median, write_json  # noqa: E402
+from bench.common import bf16_gemm_tflops, cuda_time_ms, env, graphed_step_fn, median, write_json  # noqa: E402
 from nanoseek.config import preset  # noqa: E402
 from nanoseek.fp8 import convert_to_fp8  # noqa: E402
 from nanoseek.info import count  # noqa: E402
@@ -100,6 +101,8 @@ def main():
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--no-cuda-graphs", action="store_true", help="compiled blocks without CUDA graphs")
+    ap.add_argument("--step-graph", action="store_true", help="nanoseek's whole step (forward, backward, AdamW) "
+                    "captured as one CUDA graph, its blocks compiled without graphs of their own")
     ap.add_argument("--variants", default="bf16,fp32,eager", help="nanoseek runs: bf16 (like for like), fp32 "
                     "(fp32 master weights + autocast), eager (fp32 masters, not compiled); a suffix :MODE adds "
                     "run.recompute MODE (e.g. bf16:v3)")
@@ -122,7 +125,7 @@ def main():
         if not hasattr(section, last):
             raise SystemExit(f"--inductor: torch._inductor.config has no setting {name!r}")
         setattr(section, last, ast.literal_eval(value))
-    mode = None if args.no_cuda_graphs else "reduce-overhead"
+    mode = None if args.no_cuda_graphs or args.step_graph else "reduce-overhead"
     torch.backends.cuda.matmul.allow_tf32 = True
     cfg = preset(args.preset, num_nextn_predict_layers=0)
     B, T = args.batch, args.seq
@@ -168,7 +171,8 @@ def main():
     for variant in args.variants.split(","):
         key, _, recompute = variant.partition(":")
         weights, comp, dtype = kinds[key]
-        how = ("compiled, CUDA graphs" if mode else "compiled") if comp else "eager"
+        how = (("compiled, CUDA graphs" if mode else "compiled") if comp else "eager") + (
+            ", step as one CUDA graph" if args.step_graph else "")
         name = (f"nanoseek ({weights}, {how}" + (f", recompute {recompute}" if recompute else "")
                 + (f", documents of {args.doc_len} ({'dense' if args.dense_mask else 'flex'} mask)"
                    if args.doc_len else "") + ")")
@@ -176,11 +180,15 @@ def main():
         torch.compiler.cudagraph_mark_step_begin()
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
             loss0 = model.loss(x, y, doc_ids=doc_ids).ce.item()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-        ms, mem = measure(nanoseek_step_fn(model, opt, x, y, doc_ids=doc_ids), args.iters, args.warmup)
+        if args.step_graph:
+            step, opt = graphed_step_fn(model, x, y, doc_ids)
+        else:
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+            step = nanoseek_step_fn(model, opt, x, y, doc_ids=doc_ids)
+        ms, mem = measure(step, args.iters, args.warmup)
         rows.append((name, ms, mem))
         results.setdefault("first_loss", {})[name] = loss0
-        del model, opt
+        del model, opt, step
         gc.collect()
         torch.cuda.empty_cache()
     results["first_loss"]["transformers"] = hf_loss0
