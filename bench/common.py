@@ -67,20 +67,17 @@ def capture(fn, warmup: int = 2, before=lambda: None) -> torch.cuda.CUDAGraph:
     return graph
 
 
-def graphed_step_fn(model, x, y, doc_ids=None):
-    """The whole step captured as one CUDA graph (torch.cuda.graph's whole-network recipe): grads set to None
-    before the capture so that its backward allocates them from the graph's pool, AdamW capturable, autocast
-    without its weight-cast cache."""
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True, capturable=True)
-
+def graphed_step_fn(model, opt, x, y, doc_ids=None):
+    """The whole step captured as one CUDA graph (torch.cuda.graph's whole-network recipe), returned as its
+    replay: grads set to None before the capture so that its backward allocates them from the graph's pool,
+    autocast without its weight-cast cache, `opt` capturable (torch's AdamW with capturable=True, or nanoseek's)."""
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
             loss = model.loss(x, y, balance_alpha=1e-4, doc_ids=doc_ids).total
         loss.backward()
         opt.step()
         return loss
-    graph = capture(step, warmup=3, before=lambda: opt.zero_grad(set_to_none=True))
-    return graph.replay, opt
+    return capture(step, warmup=3, before=lambda: opt.zero_grad(set_to_none=True)).replay
 
 
 def env() -> dict:

@@ -209,7 +209,8 @@ def part_b(results, compile_blocks=False, graph=False, iters=8):
                 loss0 = model.loss(x, y).ce.item()
             torch.cuda.reset_peak_memory_stats()
             if graph:
-                step, opt = graphed_step_fn(model, x, y)
+                opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True, capturable=True)
+                step = graphed_step_fn(model, opt, x, y)
             else:
                 opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
                 step = train_step_fn(model, opt, x, y)

@@ -1,17 +1,19 @@
 """Training throughput: nanoseek vs transformers' DeepseekV3ForCausalLM on identical weights (DESIGN.md §5).
 
     python bench/train.py [--preset small] [--batch 8] [--seq 2048] [--no-compile] [--no-cuda-graphs]
-                          [--step-graph] [--variants bf16,fp32,eager] [--scaling] [--inductor NAME=VALUE,...]
+                          [--variants bf16,bf16-graph,fp32,eager] [--scaling] [--inductor NAME=VALUE,...]
                           [--doc-len N [--dense-mask]]
 
 Both models start from the same checkpoint; their first-step losses must agree. transformers runs as in
-DESIGN.md §4 (bf16 weights, sdpa, fused AdamW); nanoseek runs like for like (bf16 weights) and as its trainer
-does by default (fp32 master weights, bf16 autocast), both with fused AdamW and compiled blocks replayed as CUDA
-graphs (the trainer's run.compile and run.cuda_graphs), and eager. Prints tokens/s, the ratio, "6N" MFU on
-activated parameters against the bf16 GEMM rate measured in the same run, and peak memory; then, with
---scaling, tokens/s as n_routed_experts grows at fixed activated parameters. --doc-len N times nanoseek with
-document masking (data.document_mask) over documents of N tokens: FlexAttention, or with --dense-mask SDPA with a
-dense mask. --step-graph captures nanoseek's whole step (forward, backward, AdamW) as one CUDA graph.
+DESIGN.md §4 (bf16 weights, sdpa, torch's fused AdamW); nanoseek runs like for like (bf16 weights and moments)
+and as its trainer does by default (fp32 master weights, bf16 autocast), with compiled blocks replayed as CUDA
+graphs (the trainer's run.compile and run.cuda_graphs), and eager; bf16-graph is the like-for-like run with the
+whole step (forward, backward, AdamW) captured as one CUDA graph, its blocks compiled without graphs of their
+own. nanoseek steps with its own AdamW (train/optim.py: torch's fused kernel on fp32, a Triton kernel on bf16)
+with torch's defaults (β = 0.9, 0.999, weight decay 0.01). Prints tokens/s, the ratio, "6N" MFU on activated
+parameters against the bf16 GEMM rate measured in the same run, and peak memory; then, with --scaling, tokens/s
+as n_routed_experts grows at fixed activated parameters. --doc-len N times nanoseek with document masking
+(data.document_mask) over documents of N tokens: FlexAttention, or with --dense-mask SDPA with a dense mask.
 """
 import argparse
 import ast
@@ -32,6 +34,7 @@ from nanoseek.info import count  # noqa: E402
 from nanoseek.io import save_hf  # noqa: E402
 from nanoseek.model import DeepSeekV3, transformer  # noqa: E402
 from nanoseek.model.mla import document_mask  # noqa: E402
+from nanoseek.train.optim import AdamW  # noqa: E402
 from nanoseek.train.recompute import apply_recompute  # noqa: E402
 
 
@@ -68,8 +71,9 @@ def _hf_loss(model, x, y):
     return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
 
 
-def measure(step, iters, warmup):
-    torch.cuda.reset_peak_memory_stats()
+def measure(step, iters, warmup, reset=True):
+    if reset:
+        torch.cuda.reset_peak_memory_stats()
     times = cuda_time_ms(step, warmup, iters)
     return median(times), torch.cuda.max_memory_allocated() / 2**30
 
@@ -101,11 +105,9 @@ def main():
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--no-cuda-graphs", action="store_true", help="compiled blocks without CUDA graphs")
-    ap.add_argument("--step-graph", action="store_true", help="nanoseek's whole step (forward, backward, AdamW) "
-                    "captured as one CUDA graph, its blocks compiled without graphs of their own")
-    ap.add_argument("--variants", default="bf16,fp32,eager", help="nanoseek runs: bf16 (like for like), fp32 "
-                    "(fp32 master weights + autocast), eager (fp32 masters, not compiled); a suffix :MODE adds "
-                    "run.recompute MODE (e.g. bf16:v3)")
+    ap.add_argument("--variants", default="bf16,bf16-graph,fp32,eager", help="nanoseek runs: bf16 (like for like), "
+                    "bf16-graph (the same, the whole step one CUDA graph), fp32 (fp32 master weights + autocast), "
+                    "eager (fp32 masters, not compiled); a suffix :MODE adds run.recompute MODE (e.g. bf16:v3)")
     ap.add_argument("--scaling", action="store_true")
     ap.add_argument("--doc-len", type=int, default=0, help="nanoseek runs with data.document_mask over documents of "
                     "this many tokens (needs --no-hf: transformers runs unmasked)")
@@ -125,7 +127,7 @@ def main():
         if not hasattr(section, last):
             raise SystemExit(f"--inductor: torch._inductor.config has no setting {name!r}")
         setattr(section, last, ast.literal_eval(value))
-    mode = None if args.no_cuda_graphs or args.step_graph else "reduce-overhead"
+    mode = None if args.no_cuda_graphs else "reduce-overhead"
     torch.backends.cuda.matmul.allow_tf32 = True
     cfg = preset(args.preset, num_nextn_predict_layers=0)
     B, T = args.batch, args.seq
@@ -166,26 +168,30 @@ def main():
 
     # like for like with transformers (bf16 weights and moments), then as nanoseek's trainer runs by default
     kinds = {"bf16": ("bf16 weights", not args.no_compile, torch.bfloat16),
+             "bf16-graph": ("bf16 weights", not args.no_compile, torch.bfloat16),
              "fp32": ("fp32 master, autocast", not args.no_compile, torch.float32),
              "eager": ("fp32 master, autocast", False, torch.float32)}
     for variant in args.variants.split(","):
         key, _, recompute = variant.partition(":")
         weights, comp, dtype = kinds[key]
-        how = (("compiled, CUDA graphs" if mode else "compiled") if comp else "eager") + (
-            ", step as one CUDA graph" if args.step_graph else "")
+        graph = key.endswith("-graph")
+        how = ("compiled, step as one CUDA graph" if graph else ("compiled, CUDA graphs" if mode else "compiled")
+               if comp else "eager")
         name = (f"nanoseek ({weights}, {how}" + (f", recompute {recompute}" if recompute else "")
                 + (f", documents of {args.doc_len} ({'dense' if args.dense_mask else 'flex'} mask)"
                    if args.doc_len else "") + ")")
-        model = build_nanoseek(cfg, comp, state, dtype, compile_mode=mode, recompute=recompute or "none")
+        model = build_nanoseek(cfg, comp, state, dtype, compile_mode=None if graph else mode,
+                               recompute=recompute or "none")
         torch.compiler.cudagraph_mark_step_begin()
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
             loss0 = model.loss(x, y, doc_ids=doc_ids).ce.item()
-        if args.step_graph:
-            step, opt = graphed_step_fn(model, x, y, doc_ids)
+        opt = AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.999), weight_decay=0.01, moment_dtype=dtype)
+        if graph:
+            torch.cuda.reset_peak_memory_stats()   # the graph's memory pool is taken while capturing
+            step = graphed_step_fn(model, opt, x, y, doc_ids)
         else:
-            opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
             step = nanoseek_step_fn(model, opt, x, y, doc_ids=doc_ids)
-        ms, mem = measure(step, args.iters, args.warmup)
+        ms, mem = measure(step, args.iters, args.warmup, reset=not graph)
         rows.append((name, ms, mem))
         results.setdefault("first_loss", {})[name] = loss0
         del model, opt, step

@@ -85,3 +85,57 @@ def test_moe_row_kernels_on_cuda_match_references():
                                                    m.experts.down_proj.grad, m.gate.weight.grad)])
     for ref, got in zip(*results):
         assert (got - ref).norm() / ref.norm() < 1e-4
+
+
+def test_chunked_cross_entropy_on_cuda_matches_float64():
+    """The head's weight gradient accumulates over row chunks in fp32 inside cuBLAS (addmm with an fp32 out_dtype):
+    loss and both gradients against float64 on the CPU."""
+    from nanoseek.model.loss import chunked_cross_entropy
+    torch.manual_seed(0)
+    h = torch.randn(1000, 256, dtype=torch.float64)
+    w = torch.randn(3000, 256, dtype=torch.float64) * 0.05
+    labels = torch.randint(0, 3000, (1000,))
+    labels[::7] = -100
+    results = []
+    for device, dtype in (("cpu", torch.float64), ("cuda", torch.bfloat16)):
+        hi, wi = (t.to(device, dtype).detach().requires_grad_() for t in (h, w))   # leaves on both devices
+        loss = chunked_cross_entropy(hi, wi, labels.to(device), chunk_rows=300)   # 4 chunks, the last partial
+        loss.backward()
+        results.append([t.double().cpu() for t in (loss, hi.grad, wi.grad)])
+    for ref, got in zip(*results):
+        assert (got - ref).norm() / ref.norm() < 2e-2
+
+
+@pytest.mark.parametrize("p_dtype", [torch.bfloat16, torch.float32])
+def test_adamw_triton_matches_cpu_and_replays_as_a_cuda_graph(p_dtype):
+    """train/optim.py's AdamW with bf16 moments on CUDA (the Triton kernel) against the same optimizer on the CPU
+    (the foreach path) over four steps, the last three replayed from one captured CUDA graph: the step count lives
+    on the device, so each replay applies its own bias corrections. The two compute m by different fp32 formulas
+    (lerp, and β1·m + (1 − β1)·g), so a stored bf16 moment can differ by an ulp, which moves that step's update
+    by lr·2⁻⁸ ≈ 4e-5: fp32 parameters agree within 2e-4. bf16 ones within an ulp a step, since the foreach path
+    rounds p after the decay and again after the update (a decay below half an ulp is lost there) and the kernel
+    rounds once. A wrong bias correction or decay would move parameters by ~lr = 1e-2 a step."""
+    from nanoseek.train.optim import AdamW
+    torch.manual_seed(0)
+    p0, grads = torch.randn(3, 5000), [torch.randn(3, 5000) for _ in range(4)]
+    finals = []
+    for device in ("cpu", "cuda"):
+        p = torch.nn.Parameter(p0.to(device, p_dtype, copy=True))
+        opt = AdamW([{"params": [p], "weight_decay": 0.1}], lr=1e-2, moment_dtype=torch.bfloat16)
+        p.grad = grads[0].to(device, p_dtype)
+        opt.step()
+        if device == "cpu":
+            for g in grads[1:]:
+                p.grad = g.to(device, p_dtype)
+                opt.step()
+        else:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                opt.step()
+            for g in grads[1:]:
+                p.grad.copy_(g)
+                graph.replay()
+        finals.append(p.detach().float().cpu())
+    tol = dict(rtol=1e-5, atol=2e-4) if p_dtype == torch.float32 else dict(rtol=4 * 2 ** -7, atol=1e-3)
+    torch.testing.assert_close(finals[1], finals[0], **tol)
+    assert (finals[1] - p0).abs().max() > 1e-2   # the graph did update

@@ -1,7 +1,8 @@
-"""The MoE row kernels (kernels/moe_rows_triton.py) on CPU through Triton's interpreter, against the PyTorch
-references beside them (kernels/moe_rows.py). Runs only when asked for (the CUDA check is tests/test_gpu.py):
+"""The MoE row kernels (kernels/moe_rows_triton.py) and the AdamW kernel (kernels/adamw_triton.py) on CPU through
+Triton's interpreter, against their PyTorch references (kernels/moe_rows.py; the foreach path of train/optim.py).
+Runs only when asked for (the CUDA checks are in tests/test_gpu.py):
 
-    TRITON_INTERPRET=1 python -m pytest tests/test_moe_triton.py
+    TRITON_INTERPRET=1 python -m pytest tests/test_kernels_triton.py
 """
 import os
 
@@ -12,7 +13,8 @@ if os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("Triton interpreter tests: run with TRITON_INTERPRET=1", allow_module_level=True)
 pytest.importorskip("triton")
 
-from nanoseek.kernels import moe_rows, moe_rows_triton  # noqa: E402
+from nanoseek.kernels import adamw_triton, moe_rows, moe_rows_triton  # noqa: E402
+from nanoseek.train.optim import AdamW  # noqa: E402
 
 
 @pytest.mark.parametrize("k, H", [(1, 1), (3, 200), (4, 2500)])   # one column (the routing weights), a partial
@@ -61,3 +63,29 @@ def test_swiglu_backward_matches_autograd(scaled, I):
         torch.testing.assert_close(d_scale.double(), grads[1], rtol=1e-5, atol=1e-4)
     ref = moe_rows.swiglu_backward_reference(gate_up.detach(), scale.detach() if scaled else None, dh)
     torch.testing.assert_close(ref[0], grads[0])   # the CPU reference is the same formula
+
+
+@pytest.mark.parametrize("p_dtype, m_dtype", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.bfloat16),
+                                              (torch.float32, torch.float32)])
+def test_adamw_kernel_matches_foreach_reference(p_dtype, m_dtype):
+    """Three steps (weight decay on, a size that leaves a partial block) against train/optim.py's foreach path,
+    which computes the same fp32 update. The interpreter stores bf16 by truncating (the GPU rounds to nearest), so
+    where anything is stored in bf16 the two drift apart by an ulp or so a step: tolerances of three bf16 ulps, and
+    1e-3 absolute for the parameters (a wrong bias correction or decay moves them by ~lr = 1e-2 a step)."""
+    torch.manual_seed(0)
+    ref = torch.nn.Parameter(torch.randn(5000).to(p_dtype))
+    got = ref.detach().clone()
+    opt = AdamW([{"params": [ref], "weight_decay": 0.1}], lr=1e-2, moment_dtype=m_dtype)
+    m, v = torch.zeros(5000, dtype=m_dtype), torch.zeros(5000, dtype=m_dtype)
+    for t in range(1, 4):
+        g = torch.randn(5000).to(p_dtype)
+        ref.grad = g.clone()
+        opt.step()   # CPU tensors: the foreach path (or torch's fused kernel, all fp32)
+        adamw_triton.adamw_step(got, g, m, v, torch.tensor(float(t)), 1e-2, 0.9, 0.95, 1e-8, 0.1)
+    exact = p_dtype == m_dtype == torch.float32
+    tol = dict(rtol=1e-5, atol=1e-6) if exact else dict(rtol=3 * 2 ** -7, atol=1e-3)
+    torch.testing.assert_close(got.float(), ref.detach().float(), **tol)
+    for mine, theirs in ((m, opt.state[ref]["exp_avg"]), (v, opt.state[ref]["exp_avg_sq"])):
+        theirs = theirs.float()   # moments cancel towards zero: absolute tolerance in ulps of their largest
+        tol = dict(rtol=1e-5, atol=1e-6) if exact else dict(rtol=3 * 2 ** -7, atol=3 * 2 ** -7 * theirs.abs().max())
+        torch.testing.assert_close(mine.float(), theirs, **tol)
