@@ -3,8 +3,8 @@
 nodes to torch.compile, which neither traces into them nor fuses them with their neighbours (that fusion is what
 made inductor's versions slow, see moe_rows_triton.py).
 
-    gather_rows(src, index, k)     out[j] = src[index[j] // k]
-    sum_rows(src, index, k)        out[n] = Σ_{j<k} src[index[n·k + j]]
+    permute_rows(src, index, k, combine=False)   out[j] = src[index[j] // k]          (gather_rows)
+    permute_rows(src, index, k, combine=True)    out[n] = Σ_{j<k} src[index[n·k + j]]  (sum_rows)
     swiglu_backward(gate_up, s, dh)   gradients of h = silu(gate) · up · s for [gate; up] and s (see
                                       moe_rows_triton.py); s None means 1, its gradient is then returned unused
 """
@@ -49,30 +49,18 @@ def _triton(t: torch.Tensor) -> bool:
     return t.is_cuda and t.dtype in (torch.bfloat16, torch.float16, torch.float32) and _have_triton()
 
 
-@torch.library.custom_op("nanoseek::gather_rows", mutates_args=())
-def gather_rows(src: torch.Tensor, index: torch.Tensor, k: int) -> torch.Tensor:
+@torch.library.custom_op("nanoseek::permute_rows", mutates_args=())
+def permute_rows(src: torch.Tensor, index: torch.Tensor, k: int, combine: bool) -> torch.Tensor:
+    """gather_rows(src, index, k), or sum_rows when combine."""
     if _triton(src):
         from . import moe_rows_triton
-        return moe_rows_triton.gather_rows(src, index, k)
-    return gather_rows_reference(src, index, k)
+        return (moe_rows_triton.sum_rows if combine else moe_rows_triton.gather_rows)(src, index, k)
+    return (sum_rows_reference if combine else gather_rows_reference)(src, index, k)
 
 
-@gather_rows.register_fake
-def _(src, index, k):
-    return src.new_empty(index.numel(), src.shape[1])
-
-
-@torch.library.custom_op("nanoseek::sum_rows", mutates_args=())
-def sum_rows(src: torch.Tensor, index: torch.Tensor, k: int) -> torch.Tensor:
-    if _triton(src):
-        from . import moe_rows_triton
-        return moe_rows_triton.sum_rows(src, index, k)
-    return sum_rows_reference(src, index, k)
-
-
-@sum_rows.register_fake
-def _(src, index, k):
-    return src.new_empty(index.numel() // k, src.shape[1])
+@permute_rows.register_fake
+def _(src, index, k, combine):
+    return src.new_empty(index.numel() // k if combine else index.numel(), src.shape[1])
 
 
 @torch.library.custom_op("nanoseek::swiglu_backward", mutates_args=())

@@ -78,26 +78,23 @@ def _swiglu_backward_kernel(gate_up, scale, dh, d_gate_up, d_scale, M, I, HAS_SC
     tl.store(d_scale + rows, ds, mask=live)
 
 
-def gather_rows(src: torch.Tensor, index: torch.Tensor, k: int) -> torch.Tensor:
+def _rows(kernel, src: torch.Tensor, index: torch.Tensor, k: int, n_out: int) -> torch.Tensor:
     src, index = src.contiguous(), index.contiguous()
-    M, H = index.numel(), src.shape[1]
-    out = src.new_empty(M, H)
-    if M and H:
+    H = src.shape[1]
+    out = src.new_empty(n_out, H)
+    if n_out and H:
         block_r, block_h = _blocks(H)
-        grid = (triton.cdiv(M, block_r), triton.cdiv(H, block_h))
-        _gather_rows_kernel[grid](src, index, out, M, H, k, BLOCK_R=block_r, BLOCK_H=block_h, num_warps=8)
+        grid = (triton.cdiv(n_out, block_r), triton.cdiv(H, block_h))
+        kernel[grid](src, index, out, n_out, H, k, BLOCK_R=block_r, BLOCK_H=block_h, num_warps=8)
     return out
+
+
+def gather_rows(src: torch.Tensor, index: torch.Tensor, k: int) -> torch.Tensor:
+    return _rows(_gather_rows_kernel, src, index, k, index.numel())
 
 
 def sum_rows(src: torch.Tensor, index: torch.Tensor, k: int) -> torch.Tensor:
-    src, index = src.contiguous(), index.contiguous()
-    N, H = index.numel() // k, src.shape[1]
-    out = src.new_empty(N, H)
-    if N and H:
-        block_r, block_h = _blocks(H)
-        grid = (triton.cdiv(N, block_r), triton.cdiv(H, block_h))
-        _sum_rows_kernel[grid](src, index, out, N, H, k, BLOCK_R=block_r, BLOCK_H=block_h, num_warps=8)
-    return out
+    return _rows(_sum_rows_kernel, src, index, k, index.numel() // k)
 
 
 def swiglu_backward(gate_up: torch.Tensor, scale: torch.Tensor | None, dh: torch.Tensor):

@@ -141,44 +141,31 @@ class _SwiGLU(torch.autograd.Function):
         return d_gate_up, (d_scale.to(scale.dtype) if scale is not None else None)
 
 
-class _GatherRows(torch.autograd.Function):
-    """rows = x[index // k], where index is a permutation of x.shape[0]·k rows (k copies of each row of x).
-    The gradient sums each row's k copies, found by the inverse permutation: no scatter-add, deterministic, and
-    the k copies of x are never materialized."""
+class _PermuteRows(torch.autograd.Function):
+    """The gather rows = x[index // k], where index is a permutation of x.shape[0]·k rows (k copies of each row of
+    x), or its adjoint, the combine out[n] = Σ_{j<k} y[index[n·k + j]]. Each one's gradient is the other, taken
+    through the inverse permutation: no scatter-add, deterministic, and the k copies of x are never
+    materialized."""
 
     @staticmethod
-    def forward(ctx, x, index, inverse, k):
+    def forward(ctx, x, index, inverse, k, combine):
         ctx.save_for_backward(inverse)
-        ctx.k = k
-        return moe_rows.gather_rows(x, index, k)
+        ctx.k, ctx.combine = k, combine
+        return moe_rows.permute_rows(x, index, k, combine)
 
     @staticmethod
     def backward(ctx, grad):
         (inverse,) = ctx.saved_tensors
-        return moe_rows.sum_rows(grad, inverse, ctx.k), None, None, None
-
-
-class _CombineRows(torch.autograd.Function):
-    """out[n] = Σ_{j<k} y[inverse[n·k + j]]: the adjoint of _GatherRows, so its gradient is a gather."""
-
-    @staticmethod
-    def forward(ctx, y, inverse, index, k):
-        ctx.save_for_backward(index)
-        ctx.k = k
-        return moe_rows.sum_rows(y, inverse, k)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (index,) = ctx.saved_tensors
-        return moe_rows.gather_rows(grad, index, ctx.k), None, None, None
+        return moe_rows.permute_rows(grad, inverse, ctx.k, not ctx.combine), None, None, None, None
 
 
 def gather_rows(x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor, k: int = 1) -> torch.Tensor:
-    return _GatherRows.apply(x, index, inverse, k)
+    return _PermuteRows.apply(x, index, inverse, k, False)
 
 
 def combine_rows(y: torch.Tensor, inverse: torch.Tensor, index: torch.Tensor, k: int) -> torch.Tensor:
-    return _CombineRows.apply(y, inverse, index, k)
+    """out[n] = Σ_{j<k} y[inverse[n·k + j]]; `index` is the permutation inverse to `inverse`."""
+    return _PermuteRows.apply(y, inverse, index, k, True)
 
 
 class MoE(nn.Module):
