@@ -10,7 +10,7 @@ One MoE layer on rank r with its N tokens (top-K routing, so N·K (token, slot) 
        rank, local expert) and are regrouped (local expert, source rank) for the grouped GEMM
        (`Experts.forward_sorted`), which weights each row by its g before the down projection, as on one device;
     4. combine: the reverse regrouping and all-to-all bring every row back to its token's rank, where rows are
-       un-sorted and summed: h_t = Σ_k g_{k,t} FFN_{i_k}(u_t).
+       summed per token in one pass (`combine_rows`, as on one device): h_t = Σ_k g_{k,t} FFN_{i_k}(u_t).
 No capacity factor, no dropped tokens: the splits are whatever the gate chose.
 
 Autograd: the dispatch's gradient is the combine of the gradients (the same all-to-all with send and receive
@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ..model.moe import Experts, MoE, gather_rows
+from ..model.moe import Experts, MoE, combine_rows, gather_rows
 
 
 class _AllToAll(torch.autograd.Function):
@@ -109,11 +109,9 @@ class EPExperts(Experts):
         g = weights.reshape(N * K, 1)                                # one gate weight per (token, slot) row
         if self.overlap:   # on every rank alike (the collectives must pair up), even with < 2 tokens here
             m = N // 2
-            y = torch.cat(self._pipelined([x[:m], x[m:]], [g[: m * K], g[m * K:]], [indices[:m], indices[m:]]))
-        else:
-            plan = _Plan(indices, self.n_total, self.ep, self.group)
-            y = self._combine(self._compute(*self._dispatch(x, g, plan, K), plan), plan)
-        return y.view(N, K, -1).sum(dim=1)                           # each row already weighted by its g_k
+            return torch.cat(self._pipelined([x[:m], x[m:]], [g[: m * K], g[m * K:]], [indices[:m], indices[m:]]))
+        plan = _Plan(indices, self.n_total, self.ep, self.group)
+        return _sum(self._combine(self._compute(*self._dispatch(x, g, plan, K), plan), plan), plan, K)
 
     # the three stages of one micro-batch (with handles: launched async, finished by _Wait)
     def _dispatch(self, x, g, plan, k, handles=(None, None)):
@@ -129,8 +127,8 @@ class EPExperts(Experts):
         return gather_rows(self.forward_sorted(local, plan.counts, g_local), plan.ungroup, plan.regroup)
 
     def _combine(self, y, plan, handle=None):
-        back = _AllToAll.apply(y, plan.in_splits, plan.out_splits, self.group, handle)
-        return back if handle is not None else gather_rows(back, plan.inverse, plan.order)
+        """The rows back to their tokens' rank (`_sum` then adds up each token's rows)."""
+        return _AllToAll.apply(y, plan.in_splits, plan.out_splits, self.group, handle)
 
     def _pipelined(self, xs: list, gs: list, indices: list) -> list:
         """Two micro-batches: dispatch(1) ‖ compute(0), combine(0) ‖ compute(1). Every rank issues the
@@ -146,10 +144,14 @@ class EPExperts(Experts):
         back0 = self._combine(y0, plans[0], h[2])                 # in flight while micro-batch 1 computes
         y1 = self._compute(*arrived(1), plans[1])
         back1 = self._combine(y1, plans[1], h[3])
-        out = []
-        for back, p, hd in zip((back0, back1), plans, h[2:]):
-            out.append(gather_rows(_Wait.apply(back, hd), p.inverse, p.order))
-        return out
+        return [_sum(_Wait.apply(back, hd), p, i.shape[1]) for back, p, i, hd in zip((back0, back1), plans, indices,
+                                                                                   h[2:])]
+
+
+def _sum(back: torch.Tensor, plan: _Plan, k: int) -> torch.Tensor:
+    """The returned rows (in sorted order) summed per token, each already weighted by its g:
+    out[n] = Σ_j back[inverse[n·k + j]]."""
+    return combine_rows(back, plan.inverse, plan.order, k)
 
 
 @torch.no_grad()
