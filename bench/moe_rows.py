@@ -1,6 +1,7 @@
 """The MoE row kernels (kernels/moe_rows_triton.py) against the same step compiled by inductor from the PyTorch
 reference, at small's shapes (16K tokens, top-4, hidden 1024, expert width 512), GPU time from CUDA-graph
-replays, and the bandwidth each reaches against a plain copy measured in the same run. --sweep also times each kernel at other block shapes.
+replays, and the bandwidth each reaches against a plain copy measured in the same run. --sweep also times each
+kernel at other block shapes.
 
     python3 bench/moe_rows.py [--tokens 16384] [--k 4] [--hidden 1024] [--inter 512] [--sweep]
 """
@@ -9,6 +10,7 @@ import os
 import sys
 
 import torch
+import triton
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import capture, copy_tb_s, cuda_time_ms, env, median, write_json  # noqa: E402
@@ -64,7 +66,7 @@ def main():
             for warps in (4, 8, 16):
                 bh = min(H, 1024)
                 br = max(elements // bh, 1)
-                grid_g, grid_s = (triton_cdiv(N * K, br), triton_cdiv(H, bh)), (triton_cdiv(N, br), triton_cdiv(H, bh))
+                grid_g, grid_s = (triton.cdiv(N * K, br), triton.cdiv(H, bh)), (triton.cdiv(N, br), triton.cdiv(H, bh))
                 g = ms(lambda: moe_rows_triton._gather_rows_kernel[grid_g](x, order, out_g, N * K, H, K, BLOCK_R=br,
                                                                             BLOCK_H=bh, num_warps=warps))
                 s = ms(lambda: moe_rows_triton._sum_rows_kernel[grid_s](rows, inverse, out_s, N, H, K, BLOCK_R=br,
@@ -72,10 +74,6 @@ def main():
                 results["runs"].append({"sweep": [br, bh, warps], "gather_ms": g, "sum_ms": s})
                 print(f"  {br:3d} x {bh:4d}, {warps:2d} warps: {g:.4f} / {s:.4f}")
     write_json("moe_rows.json", results)
-
-
-def triton_cdiv(a, b):
-    return -(-a // b)
 
 
 if __name__ == "__main__":

@@ -10,12 +10,12 @@ made inductor's versions slow, see moe_rows_triton.py).
 """
 from __future__ import annotations
 
-import functools
-import importlib.util
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
+
+from . import have_triton
 
 
 def gather_rows_reference(src: torch.Tensor, index: torch.Tensor, k: int) -> torch.Tensor:
@@ -39,14 +39,9 @@ def swiglu_backward_reference(gate_up: torch.Tensor, scale: Optional[torch.Tenso
     return d_gate_up.to(gate_up.dtype), d_scale
 
 
-@functools.cache
-def _have_triton() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
 def _triton(t: torch.Tensor) -> bool:
     # the kernels sum in fp32: wider inputs (float64 checks) take the reference
-    return t.is_cuda and t.dtype in (torch.bfloat16, torch.float16, torch.float32) and _have_triton()
+    return t.is_cuda and t.dtype in (torch.bfloat16, torch.float16, torch.float32) and have_triton()
 
 
 @torch.library.custom_op("nanoseek::permute_rows", mutates_args=())

@@ -10,11 +10,12 @@ bf16, where it is 1.27× torch's fused kernel on an H200 (bench/adamw.py). Elsew
 Both one-pass kernels read the step count from a device tensor advanced in place, so the step can be captured
 in a CUDA graph and replayed.
 """
-import importlib.util
 import math
 
 import torch
 from torch import nn
+
+from ..kernels import have_triton
 
 
 class AdamW(torch.optim.Optimizer):
@@ -71,7 +72,7 @@ class AdamW(torch.optim.Optimizer):
         if self.moment_dtype == torch.float32 and device.type in ("cuda", "cpu") and all(
                 p.dtype == torch.float32 for p in params):
             return "torch"
-        if device.type == "cuda" and importlib.util.find_spec("triton") and all(
+        if device.type == "cuda" and have_triton() and all(
                 p.dtype in (torch.float32, torch.bfloat16) for p in params) and self.moment_dtype in (
                 torch.float32, torch.bfloat16):
             return "triton"
