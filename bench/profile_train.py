@@ -22,9 +22,8 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import cuda_time_ms, median, write_json  # noqa: E402
-from bench.train import batch, build_nanoseek, nanoseek_step_fn  # noqa: E402
+from bench.train import batch, build_nanoseek, nanoseek_optimizer, nanoseek_step_fn  # noqa: E402
 from nanoseek.config import preset  # noqa: E402
-from nanoseek.train.optim import AdamW  # noqa: E402
 
 # first match wins: kernel name -> kind
 KINDS = [
@@ -67,7 +66,7 @@ def main():
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     mode = None if args.compile_mode == "default" else args.compile_mode
     model = build_nanoseek(cfg, not args.no_compile, dtype=dtype, fp8=args.fp8, compile_mode=mode)
-    opt = AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.999), weight_decay=0.01, moment_dtype=dtype)
+    opt = nanoseek_optimizer(model, dtype)
     x, y = batch(cfg, args.batch, args.seq)
     step = nanoseek_step_fn(model, opt, x, y)
     torch.cuda.reset_peak_memory_stats()

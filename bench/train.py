@@ -71,6 +71,11 @@ def _hf_loss(model, x, y):
     return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
 
 
+def nanoseek_optimizer(model, dtype):
+    """nanoseek's AdamW with torch's defaults, moments in the weights' dtype (as torch keeps them for transformers)."""
+    return AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.999), weight_decay=0.01, moment_dtype=dtype)
+
+
 def measure(step, iters, warmup, reset=True):
     if reset:
         torch.cuda.reset_peak_memory_stats()
@@ -185,7 +190,7 @@ def main():
         torch.compiler.cudagraph_mark_step_begin()
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
             loss0 = model.loss(x, y, doc_ids=doc_ids).ce.item()
-        opt = AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.999), weight_decay=0.01, moment_dtype=dtype)
+        opt = nanoseek_optimizer(model, dtype)
         if graph:
             torch.cuda.reset_peak_memory_stats()   # the graph's memory pool is taken while capturing
             step = graphed_step_fn(model, opt, x, y, doc_ids)
@@ -219,7 +224,7 @@ def main():
         for E in (8, 32, 64, 128, 256):
             c = cfg.replace(n_routed_experts=E)
             model = build_nanoseek(c, not args.no_compile, dtype=torch.bfloat16, compile_mode=mode)
-            opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+            opt = nanoseek_optimizer(model, torch.bfloat16)
             ms, mem = measure(nanoseek_step_fn(model, opt, x, y), args.iters, args.warmup)
             n = count(c)
             tps = tokens / (ms * 1e-3)
