@@ -96,7 +96,7 @@ def main():
     print(f"step wall {wall:.1f} ms (under the profiler), GPU busy {busy:.1f} ms: "
           f"{100 * busy / wall:.0f}% busy{', host-bound' if busy < 0.8 * wall else ''}; "
           f"{sum(calls.values())} kernels per step")
-    top = sorted(kernels, key=lambda e: -e.self_device_time_total)[:80]
+    top = sorted(kernels, key=lambda e: -e.self_device_time_total)[:200]
     tag = "".join([args.dtype, "_fp8" if args.fp8 else "",
                    f"_{args.compile_mode}" if not args.no_compile else "_eager"])
     write_json(f"profile_{tag}.json", {

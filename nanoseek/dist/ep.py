@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ..model.moe import Experts, MoE, combine_rows, gather_rows
+from ..model.moe import Experts, MoE, combine_rows, gather_rows, sort_by_expert
 
 
 class _AllToAll(torch.autograd.Function):
@@ -76,10 +76,8 @@ class _Plan:
     def __init__(self, indices: torch.Tensor, n_experts: int, ep: int, group):
         n_local = n_experts // ep
         flat = indices.flatten()
-        self.order = flat.argsort(stable=True)                   # rows grouped by global expert (= by owner)
-        self.inverse = torch.empty_like(self.order).scatter_(
-            0, self.order, torch.arange(flat.numel(), device=flat.device))
-        send = torch.bincount(flat, minlength=n_experts)         # rows for each global expert
+        # rows grouped by global expert (= by owner); send[e]: rows for global expert e
+        self.order, self.inverse, send = sort_by_expert(flat, n_experts)
         recv = torch.empty_like(send)
         dist.all_to_all_single(recv, send, group=group)          # recv[q·n_local + e]: rows from rank q for my e
         send, recv = send.view(ep, n_local), recv.view(ep, n_local)
@@ -88,9 +86,7 @@ class _Plan:
         # received rows come as segments (source q, local expert e), q-major; the GEMM wants e-major
         seg = torch.repeat_interleave(torch.arange(ep * n_local, device=flat.device), recv.flatten())
         key = (seg % n_local) * ep + seg // n_local
-        self.regroup = key.argsort(stable=True)
-        self.ungroup = torch.empty_like(self.regroup).scatter_(
-            0, self.regroup, torch.arange(seg.numel(), device=flat.device))
+        self.regroup, self.ungroup, _ = sort_by_expert(key, ep * n_local)
 
 
 class EPExperts(Experts):
