@@ -244,3 +244,25 @@ def test_compiled_gate_routes_like_eager():
     w_comp, i_comp, s_comp = torch.compile(gate, dynamic=False)(x)
     assert torch.equal(i_comp, i_eager)
     assert torch.allclose(w_comp, w_eager, atol=1e-6) and torch.allclose(s_comp, s_eager, atol=1e-6)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_parallel_linear_equals_separate_linears(bias):
+    """The one-GEMM path (training) gives each linear's output and each parameter's gradient as the linears run
+    one by one (the inference path); a missing bias among present ones counts as zero."""
+    from nanoseek.model.layers import parallel_linear
+    torch.manual_seed(0)
+    linears = [torch.nn.Linear(16, n, bias=bias).double() for n in (12, 5)] + [torch.nn.Linear(16, 3, bias=False)
+                                                                             .double()]
+    x = torch.randn(2, 7, 16, dtype=torch.float64, requires_grad=True)
+    fused = parallel_linear(x, *linears)
+    with torch.no_grad():
+        separate = parallel_linear(x, *linears)
+    params = [x] + [p for m in linears for p in m.parameters()]
+    g = [torch.randn_like(y) for y in fused]
+    grads = torch.autograd.grad(sum((y * gy).sum() for y, gy in zip(fused, g)), params)
+    grads_ref = torch.autograd.grad(sum((m(x) * gy).sum() for m, gy in zip(linears, g)), params)
+    for y, ref in zip(fused, separate):
+        assert y.shape == ref.shape and torch.allclose(y, ref, atol=1e-12)
+    for a, b in zip(grads, grads_ref):
+        assert a.shape == b.shape and torch.allclose(a, b, atol=1e-12)

@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from ..config import ModelConfig
-from .layers import RMSNorm
+from .layers import RMSNorm, parallel_linear
 from .rope import apply_rope
 
 
@@ -73,24 +73,26 @@ class MLA(nn.Module):
                                    bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.v_head_dim, H, bias=bias)
 
-    def project_q(self, x: torch.Tensor) -> torch.Tensor:
-        """x (B, T, H) -> q (B, T, n_heads, qk_head_dim)."""
-        q = self.q_proj(x) if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
-        return q.unflatten(-1, (self.n_heads, self.qk_head_dim))
-
-    def project_kv_latent(self, x: torch.Tensor, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (B, T, H) -> c_kv (B, T, kv_lora_rank) normalized, k_rope (B, T, qk_rope_head_dim) rotated."""
-        c_kv, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
-        return self.kv_a_layernorm(c_kv), apply_rope(k_rope, cos, sin, self.rope_interleave)
+    def project(self, x: torch.Tensor, cos, sin) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, T, H) -> q_nope, q_rope (B, T, n_heads, ·), c_kv (B, T, kv_lora_rank) normalized, k_rope
+        (B, T, qk_rope_head_dim); RoPE applied. W_DQ and W_DKV both read x: one GEMM in training (parallel_linear)."""
+        if self.q_lora_rank is None:
+            q, kv = parallel_linear(x, self.q_proj, self.kv_a_proj_with_mqa)
+        else:
+            c_q, kv = parallel_linear(x, self.q_a_proj, self.kv_a_proj_with_mqa)
+            q = self.q_b_proj(self.q_a_layernorm(c_q))
+        q_nope, q_rope = q.unflatten(-1, (self.n_heads, self.qk_head_dim)).split(
+            [self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        c_kv, k_rope = kv.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        return (q_nope, apply_rope(q_rope, cos, sin, self.rope_interleave), self.kv_a_layernorm(c_kv),
+                apply_rope(k_rope, cos, sin, self.rope_interleave))
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, T, H). Without a cache: causal attention over x (`mask`, if given, is `document_mask`'s BlockMask
         or (B, T, T) bool of allowed pairs). With a cache: attend to the cached prefix plus x, `mask` (B, T, S) is
         then required."""
-        q_nope, q_rope = self.project_q(x).split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
-        q_rope = apply_rope(q_rope, cos, sin, self.rope_interleave)
-        c_kv, k_rope = self.project_kv_latent(x, cos, sin)
+        q_nope, q_rope, c_kv, k_rope = self.project(x, cos, sin)
         if cache is None:
             out = self._attend_expanded(q_nope, q_rope, c_kv, k_rope, mask)
         else:
