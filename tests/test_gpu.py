@@ -87,6 +87,27 @@ def test_moe_row_kernels_on_cuda_match_references():
         assert (got - ref).norm() / ref.norm() < 1e-4
 
 
+def test_bf16_gate_logits_on_cuda_equal_the_fp32_gemm():
+    """With bf16 weights the gate runs one bf16 GEMM with an fp32 output (model/moe.py _GateLogits): the same
+    logits as the fp32 GEMM on the upcast operands up to summation order, and fp32-exact gradients."""
+    from nanoseek.model.moe import _GateLogits
+    torch.manual_seed(0)
+    x = torch.randn(4096, 1024, device="cuda", dtype=torch.bfloat16)
+    w = (torch.randn(64, 1024, device="cuda") * 0.05).bfloat16()
+    g = torch.randn(4096, 64, device="cuda")
+    results = []
+    for a, b in ((x, w), (x.double(), w.double())):
+        a, b = a.detach().requires_grad_(), b.detach().requires_grad_()
+        logits = _GateLogits.apply(a, b)
+        (logits * g.to(logits.dtype)).sum().backward()
+        results.append((logits, a.grad, b.grad))
+    (got, dx, dw), (ref, dx64, dw64) = results
+    assert got.dtype == torch.float32 and dx.dtype == dw.dtype == torch.bfloat16
+    assert (got.double() - ref).abs().max() < 1e-4 * ref.abs().max()        # fp32 sums of exact products
+    for a, b in ((dx, dx64), (dw, dw64)):
+        assert (a.double() - b).norm() / b.norm() < 4e-3                   # one bf16 rounding
+
+
 def test_chunked_cross_entropy_on_cuda_matches_float64():
     """The head's weight gradient accumulates over row chunks in fp32 inside cuBLAS (addmm with an fp32 out_dtype):
     loss and both gradients against float64 on the CPU."""

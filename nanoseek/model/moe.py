@@ -45,7 +45,7 @@ class Gate(FP32Buffers):
     def forward(self, x: torch.Tensor):
         """x (N, H) -> weights (N, K) fp32, indices (N, K), scores (N, E) fp32 (unbiased affinities)."""
         with torch.autocast(x.device.type, enabled=False):  # V3 keeps the gate in fp32, also under autocast
-            logits = F.linear(x.float(), self.weight.float())
+            logits = _GateLogits.apply(x, self.weight)
         scores = logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
         biased = scores + self.e_score_correction_bias
         if self.n_group > 1:
@@ -59,6 +59,27 @@ class Gate(FP32Buffers):
         if self.norm_topk_prob:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         return weights * self.routed_scaling_factor, indices, scores
+
+
+class _GateLogits(torch.autograd.Function):
+    """u_t · e_i in fp32. When u and e are both bf16 (bf16 weights) on CUDA, one bf16 GEMM with an fp32 output:
+    the products of bf16 values are exact in fp32 and the sums run in fp32, so this is the fp32 GEMM on the
+    upcast operands (up to summation order) without writing u in fp32 and with the bf16 tensor cores' rate.
+    Backward stays in fp32, as V3's gate does."""
+
+    @staticmethod
+    def forward(ctx, x, w):
+        ctx.save_for_backward(x, w)
+        if x.is_cuda and x.dtype == w.dtype == torch.bfloat16:
+            return torch.mm(x, w.t(), out_dtype=torch.float32)
+        return x.float() @ w.float().t()
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w = ctx.saved_tensors
+        dx = (grad @ w.float()).to(x.dtype) if ctx.needs_input_grad[0] else None
+        dw = (grad.t() @ x.float()).to(w.dtype) if ctx.needs_input_grad[1] else None
+        return dx, dw
 
 
 def top_k(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -191,9 +212,10 @@ class MoE(nn.Module):
         B, T, H = x.shape
         flat = x.reshape(-1, H)
         weights, indices, scores = self.gate(flat)
-        y = self.experts(flat, weights, indices).view(B, T, H)
+        y = self.experts(flat, weights, indices)
         if self.shared_experts is not None:
-            y = y + self.shared_experts(x)
+            y = y + self.shared_experts(flat)
+        y = y.view(B, T, H)
         if not return_stats:
             return y
         return y, self.router_stats(indices.view(B, T, -1), scores.view(B, T, -1))
