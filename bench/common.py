@@ -67,6 +67,15 @@ def capture(fn, warmup: int = 2, before=lambda: None) -> torch.cuda.CUDAGraph:
     return graph
 
 
+def graph_time_ms(fn, reps: int = 20) -> float:
+    """GPU time of one fn(): `reps` calls captured in one CUDA graph and replayed, so host launch time does not
+    count (median of 10 replays)."""
+    def many():
+        for _ in range(reps):
+            fn()
+    return median(cuda_time_ms(capture(many).replay, 3, 10)) / reps
+
+
 def graphed_step_fn(model, opt, x, y, doc_ids=None):
     """The whole step captured as one CUDA graph (torch.cuda.graph's whole-network recipe), returned as its
     replay: grads set to None before the capture so that its backward allocates them from the graph's pool,

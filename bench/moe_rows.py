@@ -13,16 +13,8 @@ import torch
 import triton
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import capture, copy_tb_s, cuda_time_ms, env, median, write_json  # noqa: E402
+from bench.common import copy_tb_s, env, graph_time_ms, write_json  # noqa: E402
 from nanoseek.kernels import moe_rows, moe_rows_triton  # noqa: E402
-
-
-def ms(fn, reps=20):
-    """GPU time of one fn(): `reps` calls captured in one CUDA graph, so host launch time does not count."""
-    def many():
-        for _ in range(reps):
-            fn()
-    return median(cuda_time_ms(capture(many).replay, 3, 10)) / reps
 
 
 def main():
@@ -55,7 +47,7 @@ def main():
     results = {"env": env(), "shape": vars(args), "copy_tb_s": copy, "runs": []}
     print(f"{'kernel':24s} {'triton ms':>10s} {'TB/s':>6s} {'inductor ms':>12s} {'TB/s':>6s} {'speedup':>8s}")
     for name, (ours, ref_fn, ref_args, nbytes) in cases.items():
-        a, b = ms(ours), ms(lambda: ref_fn(*ref_args))
+        a, b = graph_time_ms(ours), graph_time_ms(lambda: ref_fn(*ref_args))
         results["runs"].append({"kernel": name, "triton_ms": a, "inductor_ms": b, "bytes": nbytes})
         print(f"{name:24s} {a:10.4f} {nbytes / a / 1e9:6.2f} {b:12.4f} {nbytes / b / 1e9:6.2f} {b / a:7.2f}x")
     print(f"copy {copy:.2f} TB/s")
@@ -67,10 +59,10 @@ def main():
                 bh = min(H, 1024)
                 br = max(elements // bh, 1)
                 grid_g, grid_s = (triton.cdiv(N * K, br), triton.cdiv(H, bh)), (triton.cdiv(N, br), triton.cdiv(H, bh))
-                g = ms(lambda: moe_rows_triton._gather_rows_kernel[grid_g](x, order, out_g, N * K, H, K, BLOCK_R=br,
-                                                                            BLOCK_H=bh, num_warps=warps))
-                s = ms(lambda: moe_rows_triton._sum_rows_kernel[grid_s](rows, inverse, out_s, N, H, K, BLOCK_R=br,
-                                                                         BLOCK_H=bh, num_warps=warps))
+                g = graph_time_ms(lambda: moe_rows_triton._gather_rows_kernel[grid_g](
+                    x, order, out_g, N * K, H, K, BLOCK_R=br, BLOCK_H=bh, num_warps=warps))
+                s = graph_time_ms(lambda: moe_rows_triton._sum_rows_kernel[grid_s](
+                    rows, inverse, out_s, N, H, K, BLOCK_R=br, BLOCK_H=bh, num_warps=warps))
                 results["runs"].append({"sweep": [br, bh, warps], "gather_ms": g, "sum_ms": s})
                 print(f"  {br:3d} x {bh:4d}, {warps:2d} warps: {g:.4f} / {s:.4f}")
     write_json("moe_rows.json", results)

@@ -13,7 +13,8 @@ if os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("Triton interpreter tests: run with TRITON_INTERPRET=1", allow_module_level=True)
 pytest.importorskip("triton")
 
-from nanoseek.kernels import adamw_triton, moe_rows, moe_rows_triton  # noqa: E402
+from nanoseek.kernels import (adamw_triton, cross_entropy, cross_entropy_triton, moe_rows,  # noqa: E402
+                              moe_rows_triton)
 from nanoseek.train.optim import AdamW  # noqa: E402
 
 
@@ -89,3 +90,38 @@ def test_adamw_kernel_matches_foreach_reference(p_dtype, m_dtype):
         theirs = theirs.float()   # moments cancel towards zero: absolute tolerance in ulps of their largest
         tol = dict(rtol=1e-5, atol=1e-6) if exact else dict(rtol=3 * 2 ** -7, atol=3 * 2 ** -7 * theirs.abs().max())
         torch.testing.assert_close(mine.float(), theirs, **tol)
+
+
+def test_adamw_kernel_reads_the_learning_rate_from_memory():
+    """lr as a device scalar (a captured step, train/step_graph.py) gives the update of lr as a number, and the
+    kernel reads the value the tensor holds at launch."""
+    torch.manual_seed(0)
+    p0, g = torch.randn(3000), torch.randn(3000)
+    results = []
+    for lr in (3e-3, torch.tensor(1.0)):
+        if isinstance(lr, torch.Tensor):
+            lr.fill_(3e-3)
+        p, m, v = p0.clone(), torch.zeros(3000), torch.zeros(3000)
+        adamw_triton.adamw_step(p, g, m, v, torch.tensor(1.0), lr, 0.9, 0.95, 1e-8, 0.1)
+        results.append(p)
+    assert not torch.equal(results[0], p0) and torch.equal(results[0], results[1])
+
+
+@pytest.mark.parametrize("block", [1024, 256])   # the row in one block; a loop of 4 (the online max and sum)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cross_entropy_kernel_matches_reference(block, dtype):
+    """Summed loss and G = softmax − onehot against the PyTorch reference, with ignored rows (zero loss and zero
+    G), labels at both ends of the vocabulary and a vocabulary that is not a multiple of the block."""
+    torch.manual_seed(0)
+    n, V = 37, 1000
+    logits = (torch.randn(n, V) * 4).to(dtype)
+    labels = torch.randint(0, V, (n,))
+    labels[0], labels[1], labels[5::6] = 0, V - 1, -100
+    loss, g = cross_entropy_triton.loss_and_grad(logits, labels, -100, True, block=block)
+    ref_loss, ref_g = cross_entropy.loss_and_grad_reference(logits, labels, -100, True)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-4)
+    assert g.dtype == dtype and not g[5::6].any()
+    tol = dict(rtol=0, atol=1e-6) if dtype == torch.float32 else dict(rtol=0, atol=8e-3)   # bf16: one rounding
+    torch.testing.assert_close(g.float(), ref_g.float(), **tol)
+    loss_only, none = cross_entropy_triton.loss_and_grad(logits, labels, -100, False, block=block)
+    assert none is None and torch.equal(loss_only, loss)

@@ -9,24 +9,8 @@ gradient. That is three head GEMMs per chunk, against four when the logits are r
 at V3's 129K vocabulary and 16K tokens a step it avoids the 8.5 GB of fp32 logits.
 """
 import torch
-import torch.nn.functional as F
 
-
-def _chunk_loss_grad(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, grad: bool):
-    """-> (Σ_rows CE in fp32, G = (softmax − onehot) on valid rows in the logits' dtype, or None)."""
-    z = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    valid = labels != ignore_index
-    safe = labels.masked_fill(~valid, 0)
-    lse = z.logsumexp(dim=-1)
-    loss = ((lse - z.gather(1, safe[:, None]).squeeze(1)) * valid).sum()
-    if not grad:
-        return loss, None
-    g = (z - lse[:, None]).exp() - F.one_hot(safe, z.shape[-1]).to(z.dtype)
-    return loss, (g * valid[:, None]).to(logits.dtype)
-
-
-# on CUDA the upcast, log-sum-exp, loss and G fuse into two passes over the chunk's logits
-_chunk_loss_grad_cuda = torch.compile(_chunk_loss_grad, dynamic=False)
+from ..kernels.cross_entropy import loss_and_grad
 
 
 def _add_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor):
@@ -47,13 +31,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
         hc, w = h.to(dtype), weight.to(dtype)
         # needs_input_grad ignores no_grad mode: grad_enabled (the caller's mode) spares evaluation the gradients
         want_h, want_w = (ctx.needs_input_grad[0], ctx.needs_input_grad[1]) if grad_enabled else (False, False)
-        fn = _chunk_loss_grad_cuda if h.is_cuda else _chunk_loss_grad
         total = torch.zeros((), dtype=torch.promote_types(dtype, torch.float32), device=h.device)
         grad_h = torch.empty_like(hc) if want_h else None
         grad_w = torch.zeros_like(w, dtype=total.dtype) if want_w else None
         for start in range(0, hc.shape[0], chunk_rows):
             sl = slice(start, start + chunk_rows)
-            loss, g = fn(hc[sl] @ w.t(), labels[sl], ignore_index, want_h or want_w)
+            loss, g = loss_and_grad(hc[sl] @ w.t(), labels[sl], ignore_index, want_h or want_w)
             total += loss
             if want_h:
                 grad_h[sl] = g @ w
