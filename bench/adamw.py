@@ -3,7 +3,9 @@ Triton kernel (kernels/adamw_triton.py), for bf16 parameters and moments (bench/
 parameters and moments, and fp32 parameters with bf16 moments (V3). Random gradients; times with CUDA events,
 eager (host launches included) and replayed as a CUDA graph (GPU time only); bytes moved per step / time.
 
-    python3 bench/adamw.py [--preset small]
+    python3 bench/adamw.py [--preset small] [--sweep]
+
+--sweep also times the Triton kernel's launch configurations (elements per program, warps) on bf16 / bf16.
 """
 import argparse
 import os
@@ -41,20 +43,32 @@ def torch_fused(ps, gs, ms, vs):
     return step
 
 
-def triton_loop(ps, gs, ms, vs):
+def triton_loop(ps, gs, ms, vs, **launch):
     t = torch.zeros((), device="cuda")
 
     def step():
         t.add_(1)
         for p, g, m, v in zip(ps, gs, ms, vs):
             adamw_step(p, g, m, v, t, HYPER["lr"], HYPER["beta1"], HYPER["beta2"], HYPER["eps"],
-                       HYPER["weight_decay"])
+                       HYPER["weight_decay"], **launch)
     return step
+
+
+def sweep(cfg, results):
+    ps, gs, ms, vs = tensors(cfg, torch.bfloat16, torch.bfloat16)
+    nbytes = sum(p.numel() for p in ps) * 14
+    print(f"\n{'BLOCK':>6s} {'warps':>5s} {'graph ms':>9s} {'TB/s':>6s}   (Triton, bf16 / bf16)")
+    for block, warps in ((4096, 8), (2048, 4), (4096, 4), (8192, 8), (8192, 16), (16384, 16), (1024, 4)):
+        graph = median(cuda_time_ms(capture(triton_loop(ps, gs, ms, vs, block=block, num_warps=warps)).replay, 3,
+                                    10))
+        results["sweep"].append({"block": block, "num_warps": warps, "graph_ms": graph, "tb_s": nbytes / graph / 1e9})
+        print(f"{block:6d} {warps:5d} {graph:9.3f} {nbytes / graph / 1e9:6.2f}")
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="small")
+    ap.add_argument("--sweep", action="store_true")
     args = ap.parse_args()
     cfg = preset(args.preset, num_nextn_predict_layers=0)
     results = {"env": env(), "preset": args.preset, "copy_tb_s": copy_tb_s(), "runs": []}
@@ -85,6 +99,9 @@ def main():
             diff = ((finals["triton"] - finals["torch"]).norm() / finals["torch"].norm()).item()
             print(f"{'':22s} first-step parameters, triton vs torch: relative difference {diff:.1e}")
             results["runs"][-1]["rel_diff_vs_torch"] = diff
+    if args.sweep:
+        results["sweep"] = []
+        sweep(cfg, results)
     print(f"copy {results['copy_tb_s']:.2f} TB/s")
     write_json("adamw.json", results)
 

@@ -4,8 +4,8 @@ train/optim.py, which computes the same formulas):
     m ← β1 m + (1 − β1) g,   v ← β2 v + (1 − β2) g²,   p ← p (1 − lr·wd) − lr/(1 − β1ᵗ) · m / (√v / √(1 − β2ᵗ) + ε)
 
 in fp32 whatever the storage: p, m and v may each be fp32 or bf16 (V3's bf16 moments), and are read and
-written once. The step t is read from a device tensor, so a captured CUDA graph replays later steps with their
-own bias corrections. torch's fused kernel moves 2.7 TB/s of an H200's 4.8 on bf16 tensors (bench/adamw.py).
+written once. The step t, and the learning rate when given as a tensor, are read from device memory, so a captured
+CUDA graph replays later steps with their own bias corrections and scheduled rate. torch's fused kernel moves 2.7 TB/s of an H200's 4.8 on bf16 tensors (bench/adamw.py).
 """
 from __future__ import annotations
 
@@ -13,14 +13,16 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK = 4096
+BLOCK = 1024   # with 4 warps: 3.60 TB/s on bf16 at small against 3.50 for 4096 with 8 (bench/adamw.py --sweep)
 
 
 @triton.jit
-def _adamw_kernel(p, g, m, v, step, n, lr, beta1, beta2, eps, wd, BLOCK: tl.constexpr):
+def _adamw_kernel(p, g, m, v, step, n, lr, beta1, beta2, eps, wd, BLOCK: tl.constexpr, LR_IN_MEMORY: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     t = tl.load(step)
+    if LR_IN_MEMORY:
+        lr = tl.load(lr).to(tl.float32)
     bc1 = 1 - tl.exp2(t * tl.log2(beta1))
     bc2 = 1 - tl.exp2(t * tl.log2(beta2))
     gi = tl.load(g + offs, mask=mask, other=0.0).to(tl.float32)
@@ -35,9 +37,11 @@ def _adamw_kernel(p, g, m, v, step, n, lr, beta1, beta2, eps, wd, BLOCK: tl.cons
     tl.store(p + offs, pi.to(p.dtype.element_ty), mask=mask)
 
 
-def adamw_step(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, step: torch.Tensor, lr: float,
-               beta1: float, beta2: float, eps: float, weight_decay: float):
-    """One update of contiguous p, m, v in place from g; step a device fp32 scalar (the count, already advanced)."""
+def adamw_step(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, step: torch.Tensor,
+               lr: float | torch.Tensor, beta1: float, beta2: float, eps: float, weight_decay: float,
+               block: int = BLOCK, num_warps: int = 4):
+    """One update of contiguous p, m, v in place from g; step a device fp32 scalar (the count, already advanced);
+    lr a number or a device scalar (read by the kernel: a captured step follows the schedule)."""
     n = p.numel()
-    _adamw_kernel[(triton.cdiv(n, BLOCK),)](p, g.contiguous(), m, v, step, n, lr, beta1, beta2, eps, weight_decay,
-                                          BLOCK=BLOCK, num_warps=8)
+    _adamw_kernel[(triton.cdiv(n, block),)](p, g.contiguous(), m, v, step, n, lr, beta1, beta2, eps, weight_decay,
+                                          BLOCK=block, LR_IN_MEMORY=isinstance(lr, torch.Tensor), num_warps=num_warps)
