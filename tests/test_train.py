@@ -240,3 +240,9 @@ def test_fp8_precision_trains_close_to_fp32_and_exports(tmp_path, data_dir):
 def test_bad_precision_is_named(tmp_path, data_dir):
     with pytest.raises(ValueError, match="run.precision"):
         config(tmp_path, data_dir, "run.precision=\"fp16\"")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="run.device 'auto' must resolve to the CPU")
+def test_step_graph_needs_a_cuda_device(tmp_path, data_dir):
+    with pytest.raises(ValueError, match="'run.step_graph' needs a single CUDA device, got cpu"):
+        Trainer(config(tmp_path, data_dir, "run.step_graph=true"))

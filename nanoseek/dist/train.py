@@ -41,6 +41,8 @@ class _Quiet(Metrics):
 
 
 class DistTrainer(Trainer):
+    can_graph_step = False   # FSDP2 hooks and EP's host-side splits are not capturable
+
     def __init__(self, cfg, resume: str | None = None, log=print):
         if cfg.ema.enabled:
             raise ValueError("train config 'ema.enabled' is not supported under torchrun yet")

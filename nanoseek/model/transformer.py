@@ -123,11 +123,12 @@ class DeepSeekV3(FP32Buffers):
                     out.stats.append(s)
         return out
 
-    def loss(self, input_ids: torch.Tensor, labels: torch.Tensor, *, mtp_lambda: float = 0.0,
+    def loss(self, input_ids: torch.Tensor, labels: torch.Tensor, *, mtp_lambda: float | torch.Tensor = 0.0,
              balance_alpha: float = 0.0, doc_ids: torch.Tensor | None = None, ignore_index: int = -100) -> Loss:
         """labels[b, i] is the token after input_ids[b, i] (ignore_index to skip). MTP depth k at position i
-        is scored on labels[b, i+k]."""
-        use_mtp = mtp_lambda > 0 and len(self.mtp) > 0
+        is scored on labels[b, i+k]. mtp_lambda may be a device scalar (a step captured as a CUDA graph reads
+        each step's λ from it): MTP then always runs."""
+        use_mtp = len(self.mtp) > 0 and (isinstance(mtp_lambda, torch.Tensor) or mtp_lambda > 0)
         out = self.forward(input_ids, doc_ids=doc_ids, mtp=use_mtp, return_stats=True, logits=False)
         w = self.lm_head.weight
         ce = chunked_cross_entropy(out.hidden, w, labels, ignore_index)

@@ -36,6 +36,7 @@ from .metrics import Metrics, truncate_after
 from .optim import AdamW, param_groups
 from .recompute import apply_recompute
 from .schedule import learning_rate, piecewise
+from .step_graph import StepGraph
 
 
 def pick_device(name: str) -> torch.device:
@@ -48,6 +49,7 @@ def pick_device(name: str) -> torch.device:
 
 class Trainer:
     is_main = True   # the rank that writes metrics, checkpoints and exports (dist/train.py: rank 0 of many)
+    can_graph_step = True   # run.step_graph (train/step_graph.py); dist/train.py's sharded step cannot yet
 
     def __init__(self, cfg: TrainConfig, resume: str | None = None, log=print):
         self.cfg, self.log = cfg, log
@@ -82,10 +84,14 @@ class Trainer:
         self.gates = self.model.moe_gates()
         self.graphed = False   # blocks compiled with CUDA graphs
         apply_recompute(self.model, cfg.run.recompute)
+        if cfg.run.step_graph and (self.device.type != "cuda" or not self.can_graph_step):
+            raise ValueError("train config 'run.step_graph' needs a single CUDA device"
+                             + (" (not torchrun)" if not self.can_graph_step else f", got {self.device}"))
         if cfg.run.compile and self.device.type == "cuda":
+            block_graphs = cfg.run.cuda_graphs and not cfg.run.step_graph
             for block in self.model.layers:  # in place: state_dict keys stay those of the plain model
-                block.compile(mode="reduce-overhead" if cfg.run.cuda_graphs else None)
-            self.graphed = cfg.run.cuda_graphs
+                block.compile(mode="reduce-overhead" if block_graphs else None)
+            self.graphed = block_graphs
 
         o = cfg.optim
         self.optimizer = AdamW(self._param_groups(o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2),
@@ -100,6 +106,10 @@ class Trainer:
                 self.ema.load_state_dict(ema_state, meta.get("ema_updates", 0))
             for path in checkpoint.discard_after(self.out_dir, self.step) if self.is_main else []:
                 log(f"discarded {path}: it is later than the checkpoint this run resumes from")
+        self.uses_mtp = len(self.model.mtp) > 0 and max(cfg.mtp.lambda_start, cfg.mtp.lambda_end) > 0
+        # after the optimizer state is loaded: the graph's learning rate is a device scalar in its param groups
+        self.step_graph = (StepGraph(self._optimizer_step, self.optimizer, cfg.optim.grad_accum, self.device)
+                           if cfg.run.step_graph else None)
         self.metrics_path = os.path.join(self.out_dir, "metrics.jsonl")
         if ckpt and self.is_main:
             truncate_after(self.metrics_path, self.step)
@@ -157,26 +167,16 @@ class Trainer:
                            cfg.schedule.decay_fraction, cfg.schedule.min_lr_ratio)
         lam = piecewise(s, total, cfg.mtp.lambda_start, cfg.mtp.lambda_end, cfg.mtp.lambda_switch)
         gamma = piecewise(s, total, cfg.balance.gamma_start, cfg.balance.gamma_end, cfg.balance.gamma_switch)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        if self.step_graph is None:   # else the graph reads lr from its device scalar
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
 
         accum = cfg.optim.grad_accum
-        sums, load = {}, None
-        self._begin_graph_step()   # once per optimizer step: the micro-batches' gradients accumulate in graph memory
-        for micro in range(accum):
-            x, y, docs = self._micro_batch(s * accum + micro)
-            with self._autocast():
-                out = self.model.loss(x, y, mtp_lambda=lam, balance_alpha=cfg.balance.alpha, doc_ids=docs)
-            (out.total / accum).backward()
-            for name in ("total", "ce", "mtp", "balance"):
-                value = getattr(out, name)
-                if value is not None:
-                    sums[name] = sums.get(name, 0) + value.detach().float() / accum
-            if out.expert_load is not None:
-                load = out.expert_load if load is None else load + out.expert_load
-        grad_norm = self._clip_grads()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        batches = [self._micro_batch(s * accum + micro) for micro in range(accum)]
+        if self.step_graph is not None:
+            sums, load, grad_norm = self.step_graph.run(batches, lr, lam if self.uses_mtp else None)
+        else:
+            sums, load, grad_norm = self._optimizer_step(batches, lam)
         if load is not None:
             load = self._sum_over_ranks(load)   # every rank applies the same bias update
         if load is not None and gamma > 0:
@@ -200,6 +200,27 @@ class Trainer:
         rec["time"] = dt
         return rec
 
+    def _optimizer_step(self, batches: list, mtp_lambda, autocast_cache: bool = True):
+        """Forward and backward on each micro-batch, clip, AdamW; gradients None again at the end. -> (loss sums,
+        expert loads, gradient norm) as device tensors. Run eagerly, or captured by train/step_graph.py."""
+        accum, alpha = len(batches), self.cfg.balance.alpha
+        sums, load = {}, None
+        self._begin_graph_step()   # once per optimizer step: the micro-batches' gradients accumulate in graph memory
+        for x, y, docs in batches:
+            with self._autocast(autocast_cache):
+                out = self.model.loss(x, y, mtp_lambda=mtp_lambda, balance_alpha=alpha, doc_ids=docs)
+            (out.total / accum).backward()
+            for name in ("total", "ce", "mtp", "balance"):
+                value = getattr(out, name)
+                if value is not None:
+                    sums[name] = sums.get(name, 0) + value.detach().float() / accum
+            if out.expert_load is not None:
+                load = out.expert_load if load is None else load + out.expert_load
+        grad_norm = self._clip_grads()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return sums, load, grad_norm
+
     def _begin_graph_step(self):
         # With CUDA graphs, torch's graph trees reuse the memory of a step's graph outputs in the next step, so a
         # step must span everything that reads them: an optimizer step's forwards and backwards, whose parameter
@@ -209,9 +230,9 @@ class Trainer:
         if self.graphed:
             torch.compiler.cudagraph_mark_step_begin()
 
-    def _autocast(self):
-        if self.autocast:
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+    def _autocast(self, cache: bool = True):
+        if self.autocast:   # a captured step casts the weights inside the graph (cache: torch.cuda.graph's rule)
+            return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=cache)
         return contextlib.nullcontext()
 
     @torch.no_grad()

@@ -23,14 +23,17 @@ class AdamW(torch.optim.Optimizer):
                  moment_dtype: torch.dtype = torch.float32):
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
         self.moment_dtype = moment_dtype
+        self.last_stepped: list[torch.Tensor] = []
         self._steps: dict[torch.Tensor, tuple[torch.Tensor, int]] = {}   # parameter -> (device step, host step)
 
     @torch.no_grad()
     def step(self):
+        self.last_stepped = []
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
+            self.last_stepped += params
             lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
             states = [self._state(p) for p in params]
             kernel = self._one_pass(params)
@@ -62,6 +65,15 @@ class AdamW(torch.optim.Optimizer):
             torch._foreach_div_(denom, [math.sqrt(1 - b2 ** s["step"]) for s in states])
             torch._foreach_add_(denom, eps)
             torch._foreach_addcdiv_(params, m, denom, [-lr / (1 - b1 ** s["step"]) for s in states])
+
+    def replayed(self, params: list[torch.Tensor]) -> None:
+        """A captured step() over `params` (its last_stepped) was replayed as a CUDA graph (train/step_graph.py):
+        count the step on the host as step() does, so that state_dict() holds true step counts; the device counts
+        the kernels read advanced inside the graph."""
+        for p in params:
+            t, host = self._steps[p]
+            self.state[p]["step"] = host + 1
+            self._steps[p] = (t, host + 1)
 
     def _one_pass(self, params: list[torch.Tensor]) -> str | None:
         """Which one-pass kernel can take these parameters: "torch" (fused, all fp32), "triton" (CUDA, bf16
