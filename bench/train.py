@@ -8,11 +8,12 @@ Both models start from the same checkpoint; their first-step losses must agree. 
 DESIGN.md §4 (bf16 weights, sdpa, torch's fused AdamW); nanoseek runs like for like (bf16 weights and moments)
 and as its trainer does by default (fp32 master weights, bf16 autocast), with compiled blocks replayed as CUDA
 graphs (the trainer's run.compile and run.cuda_graphs), and eager; bf16-graph is the like-for-like run with the
-whole step (forward, backward, AdamW) captured as one CUDA graph, its blocks compiled without graphs of their
-own. nanoseek steps with its own AdamW (train/optim.py: torch's fused kernel on fp32, a Triton kernel on bf16)
-with torch's defaults (β = 0.9, 0.999, weight decay 0.01). Prints tokens/s, the ratio, "6N" MFU on activated
-parameters against the bf16 GEMM rate measured in the same run, and peak memory; then, with --scaling, tokens/s
-as n_routed_experts grows at fixed activated parameters. --doc-len N times nanoseek with document masking
+whole step (forward, backward, AdamW) captured as one CUDA graph by the trainer's run.step_graph machinery
+(train/step_graph.py), its blocks compiled without graphs of their own. nanoseek steps with its own AdamW
+(train/optim.py: torch's fused kernel on fp32, a Triton kernel on bf16) with torch's defaults (β = 0.9, 0.999,
+weight decay 0.01). Prints tokens/s, the ratio, "6N" MFU on activated parameters against the bf16 GEMM rate
+measured in the same run, and peak memory; then, with --scaling, tokens/s as n_routed_experts grows at fixed
+activated parameters. --doc-len N times nanoseek with document masking
 (data.document_mask) over documents of N tokens: FlexAttention, or with --dense-mask SDPA with a dense mask.
 """
 import argparse
@@ -27,7 +28,7 @@ import torch
 import torch._inductor.config as inductor_config
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import bf16_gemm_tflops, cuda_time_ms, env, graphed_step_fn, median, write_json  # noqa: E402
+from bench.common import bf16_gemm_tflops, cuda_time_ms, env, median, write_json  # noqa: E402
 from nanoseek.config import preset  # noqa: E402
 from nanoseek.fp8 import convert_to_fp8  # noqa: E402
 from nanoseek.info import count  # noqa: E402
@@ -36,6 +37,7 @@ from nanoseek.model import DeepSeekV3, transformer  # noqa: E402
 from nanoseek.model.mla import document_mask  # noqa: E402
 from nanoseek.train.optim import AdamW  # noqa: E402
 from nanoseek.train.recompute import apply_recompute  # noqa: E402
+from nanoseek.train.step_graph import WARMUP_STEPS, StepGraph  # noqa: E402
 
 
 def batch(cfg, B, T, seed=0):
@@ -54,6 +56,21 @@ def nanoseek_step_fn(model, opt, x, y, mtp_lambda=0.0, doc_ids=None):
         opt.zero_grad(set_to_none=True)
         return loss
     return step
+
+
+def nanoseek_graph_step_fn(model, opt, x, y, doc_ids=None):
+    """The step as the trainer runs it with run.step_graph (train/step_graph.py): warm-up steps, the capture, then
+    replays, the batch copied into the graph's inputs and the learning rate read from a device scalar."""
+    def step(batches, mtp_lambda, autocast_cache=True):
+        ((xb, yb, docs),) = batches
+        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=autocast_cache):
+            loss = model.loss(xb, yb, balance_alpha=1e-4, doc_ids=docs).total
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+    graph = StepGraph(step, opt, 1, x.device)
+    return lambda: graph.run([(x, y, doc_ids)], 1e-4, None)
 
 
 def hf_step_fn(model, opt, x, y):
@@ -193,10 +210,11 @@ def main():
         opt = nanoseek_optimizer(model, dtype)
         if graph:
             torch.cuda.reset_peak_memory_stats()   # the graph's memory pool is taken while capturing
-            step = graphed_step_fn(model, opt, x, y, doc_ids)
+            step = nanoseek_graph_step_fn(model, opt, x, y, doc_ids)
         else:
             step = nanoseek_step_fn(model, opt, x, y, doc_ids=doc_ids)
-        ms, mem = measure(step, args.iters, args.warmup, reset=not graph)
+        warmup = args.warmup + (WARMUP_STEPS + 1 if graph else 0)   # past the graph's warm-ups and its capture
+        ms, mem = measure(step, args.iters, warmup, reset=not graph)
         rows.append((name, ms, mem))
         results.setdefault("first_loss", {})[name] = loss0
         del model, opt, step
