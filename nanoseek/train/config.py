@@ -45,7 +45,7 @@ class Run:
                                    "clipping, AdamW) as one CUDA graph after 3 warm-up steps and replay it, the "
                                    "batch, learning rate and MTP λ fed through device buffers "
                                    "(train/step_graph.py; the blocks then compile without graphs of their own). "
-                                   "bench/train.py, `small` on an H200: 61.0 ms/step against 62.9 with block graphs. "
+                                   "bench/train.py, `small` on an H200: 61.2 ms/step against 62.5 with block graphs. "
                                    "Not with fp8, data.document_mask or torchrun yet")
     recompute: str = knob("none", "activation recomputation in backward (train/recompute.py, V3 §3.2.3): 'none'; "
                                   "'cheap' keeps only GEMM and attention outputs (norms, RoPE, SwiGLU output, MoE "
