@@ -69,7 +69,7 @@ def nanoseek_graph_step_fn(model, opt, x, y, doc_ids=None):
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss
-    graph = StepGraph(step, opt, 1, x.device)
+    graph = StepGraph(step, opt, x.device)
     return lambda: graph.run([(x, y, doc_ids)], 1e-4, None)
 
 

@@ -4,8 +4,9 @@ train/optim.py, which computes the same formulas):
     m ← β1 m + (1 − β1) g,   v ← β2 v + (1 − β2) g²,   p ← p (1 − lr·wd) − lr/(1 − β1ᵗ) · m / (√v / √(1 − β2ᵗ) + ε)
 
 in fp32 whatever the storage: p, m and v may each be fp32 or bf16 (V3's bf16 moments), and are read and
-written once. The step t, and the learning rate when given as a tensor, are read from device memory, so a captured
-CUDA graph replays later steps with their own bias corrections and scheduled rate. torch's fused kernel moves 2.7 TB/s of an H200's 4.8 on bf16 tensors (bench/adamw.py).
+written once. The step t, and the learning rate when given as a tensor, are read from device memory, so a
+captured CUDA graph replays later steps with their own bias corrections and scheduled rate. torch's fused kernel
+moves 2.7 TB/s of an H200's 4.8 on bf16 tensors (bench/adamw.py).
 """
 from __future__ import annotations
 

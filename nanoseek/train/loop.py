@@ -108,7 +108,7 @@ class Trainer:
                 log(f"discarded {path}: it is later than the checkpoint this run resumes from")
         self.uses_mtp = len(self.model.mtp) > 0 and max(cfg.mtp.lambda_start, cfg.mtp.lambda_end) > 0
         # after the optimizer state is loaded: the graph's learning rate is a device scalar in its param groups
-        self.step_graph = (StepGraph(self._optimizer_step, self.optimizer, cfg.optim.grad_accum, self.device)
+        self.step_graph = (StepGraph(self._optimizer_step, self.optimizer, self.device)
                            if cfg.run.step_graph else None)
         self.metrics_path = os.path.join(self.out_dir, "metrics.jsonl")
         if ckpt and self.is_main:

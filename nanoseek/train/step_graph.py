@@ -19,10 +19,10 @@ WARMUP_STEPS = 3
 
 
 class StepGraph:
-    def __init__(self, step_fn, optimizer, accum: int, device: torch.device):
-        """step_fn(batches, mtp_lambda) -> (sums, load, grad_norm): one optimizer step on `batches`, a list of
-        `accum` (x, y, doc_ids) micro-batches, that leaves every gradient None (the trainer's eager step)."""
-        self.step_fn, self.optimizer, self.accum = step_fn, optimizer, accum
+    def __init__(self, step_fn, optimizer, device: torch.device):
+        """step_fn(batches, mtp_lambda, autocast_cache) -> outputs: one optimizer step on `batches`, a list of
+        (x, y, doc_ids) micro-batches, that leaves every gradient None (the trainer's eager step)."""
+        self.step_fn, self.optimizer = step_fn, optimizer
         self.lr = torch.zeros((), device=device)
         self.mtp_lambda = torch.zeros((), device=device)
         for group in optimizer.param_groups:
