@@ -2,11 +2,12 @@
 compiled steps (torch.profiler), and the step's wall time against the GPU's busy time (kernels summed), which
 says whether the step is host-bound.
 
-    python bench/profile_train.py [--preset small] [--batch 8] [--seq 2048] [--dtype bf16|fp32] [--fp8]
+    python bench/profile_train.py [--preset small|wide|...] [--batch 8] [--seq 2048] [--dtype bf16|fp32] [--fp8]
                                   [--no-compile] [--compile-mode MODE] [--rows 30] [--trace]
 
 --dtype bf16 is bench/train.py's like-for-like run (bf16 weights and moments); fp32 is the trainer's default
-(fp32 master weights under bf16 autocast). --trace also writes a gzipped Chrome trace of one step to $OUT.
+(fp32 master weights under bf16 autocast). --preset wide is bench/fp8.py's wide config (hidden 4096), at its
+batch unless --batch is given. --trace also writes a gzipped Chrome trace of one step to $OUT.
 """
 import argparse
 import gzip
@@ -50,7 +51,7 @@ def kind_of(name: str) -> str:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="small")
-    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=None, help="default 8, or the wide config's own (4)")
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--no-compile", action="store_true")
@@ -62,7 +63,13 @@ def main():
                          "or default")
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
-    cfg = preset(args.preset, num_nextn_predict_layers=0)
+    if args.preset == "wide":
+        from bench.fp8 import CONFIGS
+        cfg, wide_batch, _ = CONFIGS["wide"]
+        args.batch = args.batch or wide_batch
+    else:
+        cfg = preset(args.preset, num_nextn_predict_layers=0)
+    args.batch = args.batch or 8
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     mode = None if args.compile_mode == "default" else args.compile_mode
     model = build_nanoseek(cfg, not args.no_compile, dtype=dtype, fp8=args.fp8, compile_mode=mode)
@@ -97,7 +104,7 @@ def main():
           f"{100 * busy / wall:.0f}% busy{', host-bound' if busy < 0.8 * wall else ''}; "
           f"{sum(calls.values())} kernels per step")
     top = sorted(kernels, key=lambda e: -e.self_device_time_total)[:200]
-    tag = "".join([args.dtype, "_fp8" if args.fp8 else "",
+    tag = "".join([args.preset, "_", args.dtype, "_fp8" if args.fp8 else "",
                    f"_{args.compile_mode}" if not args.no_compile else "_eager"])
     write_json(f"profile_{tag}.json", {
         "args": vars(args), "step_ms": step_ms, "peak_gib": peak, "wall_ms": wall, "busy_ms": busy,
