@@ -1,14 +1,16 @@
 """Triton FP8 quantization kernels (CUDA only; the PyTorch reference is nanoseek/fp8/quant.py).
 
-Same arithmetic as the reference, bit for bit: scale_inv = max(amax, 1e-12) / 448 and q = E4M3_rne(clamp(x /
-scale_inv, ±448)), with IEEE round-to-nearest division (`div_rn`: Triton's `/` is an approximate divide on CUDA).
+Same arithmetic as the reference, bit for bit: with a = max(amax, 1e-12), scale_inv = a / 448 and q =
+E4M3_rne(clamp(x · (448 / a), ±448)), the two quotients per tile in IEEE round-to-nearest division (`div_rn`:
+Triton's `/` is an approximate divide on CUDA) and one multiply per element.
 The outputs are laid out for the GEMMs (fp8/hopper.py): inner dims zero-padded to multiples of 128 and scales in
 the layouts `torch._scaled_mm` takes, so no copy is needed between quantization and GEMM. Transposing an fp8 tile
 inside a kernel is fragile on sm90 with Triton 3.6: `tl.trans` gave rows of one repeated byte, and storing the tile
 at transposed addresses after also storing it row-major (the weight kernel) permuted bytes within groups of four,
 10% of Wᵀ wrong (tests/test_fp8_gpu.py, H200); mlc-ai/pith-train#74 reports the first on H100 with Triton 3.7.
-So Wᵀ is a PyTorch transpose-copy of W's fp8 bytes (weights are small next to activations), and only the token
-tiles, whose one store per tile is transposed and bit-exact on the H200, are transposed in the kernel.
+So the weight kernel loads each block a second time at transposed addresses (from L2) and quantizes that copy for
+Wᵀ, so no fp8 tile is transposed or stored twice (4-5× faster than a PyTorch transpose-copy of W's fp8 bytes), and
+only the token tiles, whose one store per tile is transposed and bit-exact on the H200, are transposed in a kernel.
 
 * `act_quant`: one read of x (M, K) gives both operands the recipe needs from an activation:
     rows   1×128 tiles along K (Fprop's x, Dgrad's dy):  q (M, Kp), scale_inv (M, Kt) column-major;
@@ -101,21 +103,21 @@ def _act_quant_kernel(x_ptr, stride_xm, stride_xk, K, counts_ptr, G,
                 mask=row_ok[:, None] & (cols[None, :] < K), other=0.0).to(tl.float32)
     ax = tl.abs(x)
     # 1×128 along K: one scale per row of the tile
-    s = tl.math.div_rn(tl.maximum(tl.max(ax, axis=1), 1e-12), 448.0)
-    q = tl.clamp(tl.math.div_rn(x, s[:, None]), -448.0, 448.0).to(tl.float8e4nv)
+    a = tl.maximum(tl.max(ax, axis=1), 1e-12)
+    q = tl.clamp(x * tl.math.div_rn(448.0, a)[:, None], -448.0, 448.0).to(tl.float8e4nv)
     tl.store(q_ptr + rows[:, None] * stride_qm + cols[None, :], q, mask=row_ok[:, None])
-    tl.store(s_ptr + rows * stride_sm + pid_k * stride_sk, s, mask=row_ok)
+    tl.store(s_ptr + rows * stride_sm + pid_k * stride_sk, tl.math.div_rn(a, 448.0), mask=row_ok)
     if TOKENS:  # 128×1 along tokens: one scale per column of the tile, written transposed
-        s = tl.math.div_rn(tl.maximum(tl.max(ax, axis=0), 1e-12), 448.0)
-        q = tl.clamp(tl.math.div_rn(x, s[None, :]), -448.0, 448.0).to(tl.float8e4nv)
+        a = tl.maximum(tl.max(ax, axis=0), 1e-12)
+        q = tl.clamp(x * tl.math.div_rn(448.0, a)[None, :], -448.0, 448.0).to(tl.float8e4nv)
         tokens = pid_t.to(tl.int64) * 128 + r
         tl.store(qt_ptr + cols[None, :].to(tl.int64) * stride_qtk + tokens[:, None], q)   # q[r, c] -> qt[c, r]
-        tl.store(st_ptr + pid_t * stride_stt + cols, s)
+        tl.store(st_ptr + pid_t * stride_stt + cols, tl.math.div_rn(a, 448.0))
 
 
 @triton.jit
-def _weight_quant_kernel(w_ptr, stride_wg, stride_wn, stride_wk, N, K, Np, Kp, Nt, Kt,
-                         q_ptr, s_ptr, stride_sg, stride_sn, st_ptr, stride_stg, stride_stk):
+def _weight_quant_kernel(w_ptr, stride_wg, stride_wn, stride_wk, N, K, Np, Kp,
+                         q_ptr, qt_ptr, s_ptr, stride_sg, stride_sn, st_ptr, stride_stg, stride_stk):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     g = tl.program_id(2).to(tl.int64)
@@ -124,11 +126,18 @@ def _weight_quant_kernel(w_ptr, stride_wg, stride_wn, stride_wk, N, K, Np, Kp, N
     cols = pid_k * 128 + r
     w = tl.load(w_ptr + g * stride_wg + rows[:, None] * stride_wn + cols[None, :] * stride_wk,
                 mask=(rows[:, None] < N) & (cols[None, :] < K), other=0.0).to(tl.float32)
-    s = tl.math.div_rn(tl.maximum(tl.max(tl.abs(w)), 1e-12), 448.0)
-    q = tl.clamp(tl.math.div_rn(w, s), -448.0, 448.0).to(tl.float8e4nv)
-    tl.store(q_ptr + g * Np * Kp + rows[:, None] * Kp + cols[None, :], q)
-    tl.store(s_ptr + g * stride_sg + pid_n * stride_sn + pid_k, s)
-    tl.store(st_ptr + g * stride_stg + pid_k * stride_stk + pid_n, s)
+    a = tl.maximum(tl.max(tl.abs(w)), 1e-12)
+    scale = tl.math.div_rn(448.0, a)
+    tl.store(q_ptr + g * Np * Kp + rows[:, None] * Kp + cols[None, :],
+             tl.clamp(w * scale, -448.0, 448.0).to(tl.float8e4nv))
+    tl.store(s_ptr + g * stride_sg + pid_n * stride_sn + pid_k, tl.math.div_rn(a, 448.0))
+    tl.store(st_ptr + g * stride_stg + pid_k * stride_stk + pid_n, tl.math.div_rn(a, 448.0))
+    # Wᵀ's block (pid_k, pid_n), element [c, n] = W[n, c]: the same block loaded again (from L2) at transposed
+    # addresses, in fp32, and quantized with the same scale (see the module docstring for why not a transpose)
+    wt = tl.load(w_ptr + g * stride_wg + rows[None, :] * stride_wn + cols[:, None] * stride_wk,
+                 mask=(rows[None, :] < N) & (cols[:, None] < K), other=0.0).to(tl.float32)
+    tl.store(qt_ptr + g * Np * Kp + cols[:, None] * Np + rows[None, :],
+             tl.clamp(wt * scale, -448.0, 448.0).to(tl.float8e4nv))
 
 
 def block_g(groups: int) -> int:
@@ -159,7 +168,7 @@ def act_quant(x: torch.Tensor, counts: torch.Tensor | None = None, tokens: bool 
         _act_quant_kernel[(token_tiles(M, G), cdiv(K, BLOCK))](
             x, x.stride(0), x.stride(1), K, counts, G, q, q.stride(0), s, s.stride(0), s.stride(1),
             *((qt, qt.stride(0), st, st.stride(0)) if tokens else (None, 0, None, 0)),   # unused: null pointers
-            TOKENS=tokens, BLOCK_G=block_g(G), num_warps=8)
+            TOKENS=tokens, BLOCK_G=block_g(G), num_warps=4 if tokens else 8)   # the faster of 4, 8, 16 (H200)
     return Rows(q, s, K), (Tokens(qt, st, K, counts) if tokens else None)
 
 
@@ -177,10 +186,10 @@ def weight_quant(w: torch.Tensor) -> Blocks:
     G, N, K = w3.shape
     q, s, st = weight_buffers(G, N, K, w.device)
     (_, Np, Kp), (_, Nt, Kt) = q.shape, s.shape
-    _weight_quant_kernel[(Nt, Kt, G)](w3, w3.stride(0), w3.stride(1), w3.stride(2), N, K, Np, Kp, Nt, Kt,
-                                      q, s, s.stride(0), s.stride(1), st, st.stride(0), st.stride(1),
+    qt = torch.empty(G, Kp, Np, dtype=q.dtype, device=q.device)
+    _weight_quant_kernel[(Nt, Kt, G)](w3, w3.stride(0), w3.stride(1), w3.stride(2), N, K, Np, Kp,
+                                      q, qt, s, s.stride(0), s.stride(1), st, st.stride(0), st.stride(1),
                                       num_warps=8)
-    qt = q.transpose(1, 2).contiguous()
     if w.dim() == 2:
         q, qt, s, st = q[0], qt[0], s[0], st[0]
     return Blocks(q, qt, s, st, N, K)
