@@ -36,6 +36,7 @@ from nanoseek.fp8 import convert_to_fp8, hopper, paths  # noqa: E402
 from nanoseek.fp8.emulate import EmulatedFP8  # noqa: E402
 from nanoseek.fp8.linear import FP8Matmul  # noqa: E402
 from nanoseek.info import count  # noqa: E402
+from nanoseek.train.compile import compile_blocks as compile_model  # noqa: E402
 from nanoseek.kernels import grouped_mm  # noqa: E402
 from nanoseek.model import DeepSeekV3  # noqa: E402
 
@@ -202,8 +203,7 @@ def part_b(results, compile_blocks=False, graph=False, iters=8):
             torch._dynamo.reset()
             model = build(cfg, fp8)
             if compile_blocks:
-                for block in model.layers:
-                    block.compile(mode="reduce-overhead")
+                compile_model(model, "reduce-overhead")
             torch.compiler.cudagraph_mark_step_begin()
             with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
                 loss0 = model.loss(x, y).ce.item()

@@ -35,6 +35,7 @@ from nanoseek.info import count  # noqa: E402
 from nanoseek.io import save_hf  # noqa: E402
 from nanoseek.model import DeepSeekV3, transformer  # noqa: E402
 from nanoseek.model.mla import document_mask  # noqa: E402
+from nanoseek.train.compile import compile_blocks as compile_model  # noqa: E402
 from nanoseek.train.optim import AdamW  # noqa: E402
 from nanoseek.train.recompute import apply_recompute  # noqa: E402
 from nanoseek.train.step_graph import WARMUP_STEPS, StepGraph  # noqa: E402
@@ -112,8 +113,7 @@ def build_nanoseek(cfg, compile_blocks, state=None, dtype=torch.float32, fp8=Fal
         convert_to_fp8(model)
     apply_recompute(model, recompute)
     if compile_blocks:
-        for block in model.layers:
-            block.compile(mode=compile_mode)
+        compile_model(model, compile_mode)
     return model
 
 

@@ -5,6 +5,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from nanoseek.config import preset
+from nanoseek.train.compile import compile_blocks
 from nanoseek.train.recompute import MODES, apply_recompute
 
 from .helpers import random_model
@@ -71,13 +72,13 @@ def test_fp8_layers_recompute_to_the_same_gradients():
 
 
 def test_compiled_blocks_recompute_to_the_same_gradients():
-    """As the trainer runs on CUDA: recomputation applied, then each block compiled (the policy then runs while
-    torch.compile traces, where the MLA up-projections are known by their GEMM shapes)."""
+    """As the trainer runs on CUDA: recomputation applied, then each block, MTP module and the final norm compiled
+    (train/compile.py; the policy then runs while torch.compile traces, where the MLA up-projections are known
+    by their GEMM shapes)."""
     torch._dynamo.reset()
     model = random_model(CFG).train()
     apply_recompute(model, "v3")
-    for block in model.layers:
-        block.compile()
+    compile_blocks(model)
     ids = torch.randint(0, CFG.vocab_size, (2, 65), generator=torch.Generator().manual_seed(1))
     model.loss(ids[:, :-1], ids[:, 1:], mtp_lambda=0.3, balance_alpha=1e-3).total.backward()
     _, ref, _ = _run("none")

@@ -30,6 +30,7 @@ from ..fp8 import convert_to_fp8
 from ..model import DeepSeekV3
 from . import checkpoint
 from .balance import load_ratio, update_bias
+from .compile import compile_blocks
 from .config import TrainConfig, load
 from .ema import EMA
 from .metrics import Metrics, truncate_after
@@ -89,8 +90,7 @@ class Trainer:
                              + (" (not torchrun)" if not self.can_graph_step else f", got {self.device}"))
         if cfg.run.compile and self.device.type == "cuda":
             block_graphs = cfg.run.cuda_graphs and not cfg.run.step_graph
-            for block in self.model.layers:  # in place: state_dict keys stay those of the plain model
-                block.compile(mode="reduce-overhead" if block_graphs else None)
+            compile_blocks(self.model, "reduce-overhead" if block_graphs else None)
             self.graphed = block_graphs
 
         o = cfg.optim
