@@ -71,13 +71,14 @@ def test_fp8_layers_recompute_to_the_same_gradients():
         torch.testing.assert_close(cheap[name], ref[name], rtol=1e-6, atol=1e-7, msg=name)
 
 
-def test_compiled_blocks_recompute_to_the_same_gradients():
-    """As the trainer runs on CUDA: recomputation applied, then each block, MTP module and the final norm compiled
-    (train/compile.py; the policy then runs while torch.compile traces, where the MLA up-projections are known
-    by their GEMM shapes)."""
+@pytest.mark.parametrize("mode", ["v3", "full"])
+def test_compiled_blocks_recompute_to_the_same_gradients(mode):
+    """As the trainer runs on CUDA: recomputation applied, then each block (the MTP module's too) and the final norm
+    compiled (train/compile.py; the policy then runs while torch.compile traces, where the MLA up-projections are
+    known by their GEMM shapes). Run alone too: a first grouped GEMM inside a checkpointed region once broke it."""
     torch._dynamo.reset()
     model = random_model(CFG).train()
-    apply_recompute(model, "v3")
+    apply_recompute(model, mode)
     compile_blocks(model)
     ids = torch.randint(0, CFG.vocab_size, (2, 65), generator=torch.Generator().manual_seed(1))
     model.loss(ids[:, :-1], ids[:, 1:], mtp_lambda=0.3, balance_alpha=1e-3).total.backward()

@@ -6,8 +6,9 @@ a = max(amax, 1e-12),
 with 448 E4M3's largest normal; both quotients are IEEE fp32 divisions, one per tile. Multiplying by the
 reciprocal scale, as DeepSeek's own kernels do, instead of dividing each element by scale_inv, changes q by at most
 one E4M3 step where x · (448 / a) lands within an fp32 ulp of a rounding boundary, and makes the quantization
-kernels 1.5-2.4× faster (an IEEE division per element costs more than the memory traffic; BENCHMARKS.md). `scale_inv` is the dequantization multiplier (DeepSeek's checkpoint convention,
-`weight_scale_inv`, and what `torch._scaled_mm` takes). Dims that are not multiples of the block get a partial
+kernels 1.4-2.8× faster (an IEEE division per element costs more than the memory traffic; BENCHMARKS.md).
+`scale_inv` is the dequantization multiplier (DeepSeek's checkpoint convention, `weight_scale_inv`, and what
+`torch._scaled_mm` takes). Dims that are not multiples of the block get a partial
 last tile: its amax is taken over the elements that exist (the same as zero padding, which never raises an amax).
 
 This file defines the arithmetic; the Triton kernels (kernels/fp8_quant.py) must reproduce it bit for bit, and

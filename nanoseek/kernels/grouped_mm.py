@@ -4,11 +4,9 @@
 -> (M, N) with out[rows of e] = x[rows of e] @ w[e].T.
 
 `torch._grouped_mm` runs it as one kernel where it can: bf16 on sm90+ GPUs, and fp32 on CPU in the torch builds
-that have a CPU kernel (2.13 does; probed once), outside torch.compile. Elsewhere (float64, older GPUs or builds)
+that have a CPU kernel (2.13 does; probed at import), outside torch.compile. Elsewhere (float64, older GPUs or builds)
 one matmul per group.
 """
-import functools
-
 import torch
 
 
@@ -37,13 +35,18 @@ def _grouped_mm_torch(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) ->
     return _ContiguousGrad.apply(torch._grouped_mm(x, w.transpose(-2, -1), offs=offs))
 
 
-@functools.cache
-def _cpu_kernel() -> bool:
+def _probe_cpu_kernel() -> bool:
     try:
         torch._grouped_mm(torch.ones(2, 4), torch.ones(1, 4, 4), offs=torch.tensor([2], dtype=torch.int32))
         return True
     except (AttributeError, RuntimeError, NotImplementedError):
         return False
+
+
+# probed at import, not lazily: a first probe inside a model's forward ran under whatever dispatch mode was active,
+# and selective recomputation (train/recompute.py) then recorded the probe's output as the layer's first grouped
+# GEMM and handed it back in backward's recomputation, where no probe ran (a shape error, CPU only)
+_CPU_KERNEL = _probe_cpu_kernel()
 
 
 def _one_kernel(x: torch.Tensor, w: torch.Tensor) -> bool:
@@ -53,7 +56,7 @@ def _one_kernel(x: torch.Tensor, w: torch.Tensor) -> bool:
         return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9
     # torch.compile's shape rules for it take bf16 only, so compiled CPU code keeps the per-group loop
     return (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.compiler.is_compiling()
-            and _cpu_kernel())
+            and _CPU_KERNEL)
 
 
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:

@@ -22,8 +22,7 @@ from __future__ import annotations
 import functools
 
 import torch
-from torch.utils.checkpoint import (CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts,
-                                    noop_context_fn)
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from ..model.moe import RouterStats
 
@@ -53,8 +52,9 @@ def _policy(up_projections: set[tuple[int, int]]):
 
 
 def _checkpointed(forward, policy):
-    context_fn = noop_context_fn if policy is None else functools.partial(create_selective_checkpoint_contexts,
-                                                                          policy)
+    # "full" passes no context_fn: torch.compile (2.13) rejects checkpoint's own noop_context_fn passed explicitly
+    selective = {} if policy is None else {"context_fn": functools.partial(create_selective_checkpoint_contexts,
+                                                                           policy)}
 
     def tensors(*args, **kwargs):
         # the checkpointed region returns tensors only: under torch.compile (2.11) a dataclass coming out of it
@@ -66,7 +66,7 @@ def _checkpointed(forward, policy):
     def run(*args, **kwargs):
         if not torch.is_grad_enabled():       # evaluation and inference: nothing is saved anyway
             return forward(*args, **kwargs)
-        x, *stats = checkpoint(tensors, *args, use_reentrant=False, context_fn=context_fn, **kwargs)
+        x, *stats = checkpoint(tensors, *args, use_reentrant=False, **selective, **kwargs)
         return x, (RouterStats(*stats) if stats else None)
     return run
 
