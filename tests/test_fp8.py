@@ -20,6 +20,7 @@ from nanoseek.fp8.linear import backend_for
 from nanoseek.fp8.quant import act_dequant, act_quant, act_quant_t, weight_dequant, weight_quant
 from nanoseek.io import load_hf, save_hf
 from nanoseek.model import DeepSeekV3
+from nanoseek.model.layers import parallel_linear
 from nanoseek.model.moe import Experts
 
 PRODUCT_BOUND = 2 ** -3 + 2 ** -8
@@ -108,6 +109,32 @@ def test_fp8_linear_equals_emulation_formula(shape):
     torch.testing.assert_close(dx.view(-1, K), ref_dx, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(dw, ref_dw, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(fp8.bias.grad, dy.view(-1, N).sum(0))
+
+
+def test_stacked_fp8_linears_equal_separate_ones():
+    """parallel_linear runs FP8 layers as one on their stacked weights (FP8Linear.stacked) when every weight but the
+    last fills whole 128-row blocks: the same quantized operands, so the outputs and gradients of the layers run
+    apart, up to fp32 summation order. A first weight of 72 rows would share blocks with the next: run apart."""
+    torch.manual_seed(0)
+    layers = [FP8Linear.from_linear(nn.Linear(200, n, bias=False)) for n in (256, 72)]
+    assert FP8Linear.stacked(torch.randn(3, 200), layers[::-1]) is None
+    x = torch.randn(2, 130, 200)
+
+    def run(outputs):
+        xg = x.clone().requires_grad_()
+        ya, yb = outputs(xg)
+        (ya.square().sum() + yb.sin().sum()).backward()
+        grads = [xg.grad] + [m.weight.grad.clone() for m in layers]
+        for m in layers:
+            m.weight.grad = None
+        return [ya, yb, *grads]
+
+    stacked = run(lambda xg: parallel_linear(xg, *layers))
+    apart = run(lambda xg: [m(xg) for m in layers])
+    for a, b in zip(stacked, apart):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    # the stacked path really ran: one FP8 layer's output split in two, not two layers' outputs
+    assert stacked[0]._base is not None and stacked[0]._base.shape[-1] == 256 + 72
 
 
 def test_fp8_linear_close_to_fp32_linear():

@@ -100,6 +100,21 @@ class FP8Linear(nn.Linear):
         y = fp8_matmul(x, self.weight, None, self.emulate)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
+    @staticmethod
+    def stacked(x: torch.Tensor, linears: tuple["FP8Linear", ...]) -> tuple[torch.Tensor, ...] | None:
+        """(m(x) for m in linears) as one FP8 layer on their weights stacked by rows (model/layers.parallel_linear:
+        W_DQ with W_DKV, gate with up), when that quantizes exactly as they would apart: every weight but the last
+        has a multiple of 128 rows, so no 128×128 block of W and no 1×128 tile of the output's gradient spans two
+        layers. x is then quantized once instead of once per layer, and the narrow W_DKV (576 rows in V3) rides
+        in a wider GEMM. Dgrad sums the layers' contributions inside its fp32 accumulator rather than adding
+        their outputs. None (run them apart) otherwise."""
+        first = linears[0]
+        if (any(m.bias is not None or m.emulate != first.emulate for m in linears)
+                or any(m.out_features % 128 for m in linears[:-1])):
+            return None
+        y = fp8_matmul(x, torch.cat([m.weight for m in linears]), None, first.emulate)
+        return y.split([m.out_features for m in linears], dim=-1)
+
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, emulate={self.emulate}"
 

@@ -38,10 +38,15 @@ def parallel_linear(x: torch.Tensor, *linears: nn.Module) -> tuple[torch.Tensor,
     stacked by rows, [y_1 | y_2 | …] = x [W_1; W_2; …]ᵀ, split back into views: a GEMM with wider N runs closer
     to the tensor cores' rate than several narrow ones, backward takes x's gradient in one GEMM instead of
     several summed, and the stacked weight's gradient is split into views, not copied. At inference (no grad) the
-    copy that stacks the weights would cost more than the launches it saves, and FP8 or other layers run as
-    they are."""
-    if not (torch.is_grad_enabled() and len(linears) > 1 and all(type(m) is nn.Linear for m in linears)):
+    copy that stacks the weights would cost more than the launches it saves. Other layer types run as they are,
+    unless their class stacks them itself (FP8Linear.stacked)."""
+    kind = type(linears[0])
+    if not (torch.is_grad_enabled() and len(linears) > 1 and all(type(m) is kind for m in linears)):
         return tuple(m(x) for m in linears)
+    if kind is not nn.Linear:   # a layer type may stack itself (FP8Linear.stacked), or return None to run apart
+        stacked = getattr(kind, "stacked", None)
+        y = stacked(x, linears) if stacked is not None else None
+        return y if y is not None else tuple(m(x) for m in linears)
     biases = [m.bias for m in linears]
     bias = None if all(b is None for b in biases) else torch.cat(
         [b if b is not None else m.weight.new_zeros(m.out_features) for b, m in zip(biases, linears)])
