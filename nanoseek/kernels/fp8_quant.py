@@ -127,11 +127,11 @@ def _weight_quant_kernel(w_ptr, stride_wg, stride_wn, stride_wk, N, K, Np, Kp,
     w = tl.load(w_ptr + g * stride_wg + rows[:, None] * stride_wn + cols[None, :] * stride_wk,
                 mask=(rows[:, None] < N) & (cols[None, :] < K), other=0.0).to(tl.float32)
     a = tl.maximum(tl.max(tl.abs(w)), 1e-12)
-    scale = tl.math.div_rn(448.0, a)
+    scale, scale_inv = tl.math.div_rn(448.0, a), tl.math.div_rn(a, 448.0)
     tl.store(q_ptr + g * Np * Kp + rows[:, None] * Kp + cols[None, :],
              tl.clamp(w * scale, -448.0, 448.0).to(tl.float8e4nv))
-    tl.store(s_ptr + g * stride_sg + pid_n * stride_sn + pid_k, tl.math.div_rn(a, 448.0))
-    tl.store(st_ptr + g * stride_stg + pid_k * stride_stk + pid_n, tl.math.div_rn(a, 448.0))
+    tl.store(s_ptr + g * stride_sg + pid_n * stride_sn + pid_k, scale_inv)
+    tl.store(st_ptr + g * stride_stg + pid_k * stride_stk + pid_n, scale_inv)
     # Wᵀ's block (pid_k, pid_n), element [c, n] = W[n, c]: the same block loaded again (from L2) at transposed
     # addresses, in fp32, and quantized with the same scale (see the module docstring for why not a transpose)
     wt = tl.load(w_ptr + g * stride_wg + rows[None, :] * stride_wn + cols[:, None] * stride_wk,
