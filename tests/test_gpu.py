@@ -160,3 +160,29 @@ def test_adamw_triton_matches_cpu_and_replays_as_a_cuda_graph(p_dtype):
     tol = dict(rtol=1e-5, atol=2e-4) if p_dtype == torch.float32 else dict(rtol=4 * 2 ** -7, atol=1e-3)
     torch.testing.assert_close(finals[1], finals[0], **tol)
     assert (finals[1] - p0).abs().max() > 1e-2   # the graph did update
+
+
+@pytest.mark.parametrize("interleave", [True, False])
+def test_rope_qk_cuda_matches_float64_reference_forward_and_backward(interleave):
+    """MLA's q/k assembly with RoPE (kernels/rope_triton.py) in bf16, on strided views of GEMM outputs as MLA
+    passes them and compiled as the blocks run it, against the float64 reference on the CPU: outputs and all three
+    gradients within bf16 rounding (2⁻⁸ relative)."""
+    from nanoseek.kernels.rope import rope_qk, rope_qk_reference
+    torch.manual_seed(0)
+    B, T, H, d_nope, d_rope = 2, 300, 8, 64, 32
+    q = torch.randn(B, T, H, d_nope + d_rope)
+    kv = torch.randn(B, T, H, d_nope + 64)
+    kv_a = torch.randn(B, T, 288)
+    cos, sin = rope_cos_sin(inv_frequencies(preset("small")), torch.arange(T).expand(B, T))
+    gq, gk = torch.randn(B, T, H, d_nope + d_rope), torch.randn(B, T, H, d_nope + d_rope)
+    results = []
+    for device, dtype, fn in (("cpu", torch.float64, rope_qk_reference), ("cuda", torch.bfloat16, rope_qk),
+                              ("cuda", torch.bfloat16, torch.compile(rope_qk, fullgraph=True))):
+        leaves = [t.to(device, dtype).requires_grad_() for t in (q, kv, kv_a)]
+        q_, kv_, kv_a_ = leaves
+        outs = fn(q_, kv_[..., :d_nope], kv_a_[..., 256:], cos.to(device), sin.to(device), interleave)
+        torch.autograd.backward(outs, [gq.to(device, dtype), gk.to(device, dtype)])
+        results.append([t.double().cpu() for t in (*outs, *(leaf.grad for leaf in leaves))])
+    for got in results[1:]:
+        for a, b in zip(got, results[0]):
+            assert (a - b).norm() / b.norm() < 2 ** -8

@@ -125,3 +125,29 @@ def test_cross_entropy_kernel_matches_reference(block, dtype):
     torch.testing.assert_close(g.float(), ref_g.float(), **tol)
     loss_only, none = cross_entropy_triton.loss_and_grad(logits, labels, -100, False, block=block)
     assert none is None and torch.equal(loss_only, loss)
+
+
+@pytest.mark.parametrize("interleave", [True, False])
+@pytest.mark.parametrize("d_nope, d_rope", [(6, 8), (64, 32)])   # padded blocks; small's head dims
+def test_rope_qk_kernels_match_reference(interleave, d_nope, d_rope):
+    """q/k assembly with RoPE forward and backward (kernels/rope_triton.py) on strided views as MLA passes them, a
+    token count that is not a multiple of the block, cos/sin broadcast over the batch."""
+    from nanoseek.kernels import rope, rope_triton
+    torch.manual_seed(0)
+    B, T, H = 2, 37, 3
+    q = torch.randn(B, T, H, d_nope + d_rope)
+    k_nope = torch.randn(B, T, H, d_nope + 5)[..., :d_nope]
+    k_rope = torch.randn(B, T, 9 + d_rope)[..., 9:]
+    angles = torch.arange(T, dtype=torch.float32)[:, None] * torch.rand(d_rope // 2)
+    cos, sin = angles.cos().expand(B, T, -1), angles.sin().expand(B, T, -1)
+    got = rope_triton.rope_qk(q, k_nope, k_rope, cos, sin, interleave)
+    ref = rope.rope_qk_reference(q, k_nope, k_rope, cos, sin, interleave)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    dq = torch.randn(B, H, T, d_nope + d_rope).transpose(1, 2)    # the attention kernel's (B, H, T, d) layout
+    dk = torch.randn(B, T, H, d_nope + d_rope)
+    got = rope_triton.rope_qk_backward(dq, dk, cos, sin, d_nope, interleave)
+    ref = rope.rope_qk_backward_reference(dq, dk, cos, sin, d_nope, interleave)
+    for a, b in zip(got, ref):
+        assert a.shape == b.shape and a.is_contiguous()
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -266,3 +266,41 @@ def test_parallel_linear_equals_separate_linears(bias):
         assert y.shape == ref.shape and torch.allclose(y, ref, atol=1e-12)
     for a, b in zip(grads, grads_ref):
         assert a.shape == b.shape and torch.allclose(a, b, atol=1e-12)
+
+
+def _mla_rope_inputs(B=2, T=5, H=3, d_nope=6, d_rope=8, dtype=torch.float64):
+    """q as W_UQ's output, k_nope and k_rope as strided views of W_UKV's and W_DKV's outputs (as MLA passes them)."""
+    torch.manual_seed(0)
+    q = torch.randn(B, T, H, d_nope + d_rope, dtype=dtype)
+    kv = torch.randn(B, T, H, d_nope + 4, dtype=dtype)
+    kv_a = torch.randn(B, T, 7 + d_rope, dtype=dtype)
+    angles = torch.arange(T, dtype=dtype)[:, None] * torch.rand(d_rope // 2, dtype=dtype)
+    cos, sin = (f(angles).expand(B, T, -1) for f in (torch.cos, torch.sin))   # broadcast over the batch
+    return q, kv[..., :d_nope], kv_a[..., 7:], cos, sin
+
+
+@pytest.mark.parametrize("interleave", [True, False])
+def test_rope_qk_op_matches_rope_and_concat_with_gradients(interleave):
+    """The fused q/k assembly (kernels/rope.py) against RoPE written out per pair, q·k invariant to position
+    shifts, and its registered backward against autograd through the reference."""
+    from nanoseek.kernels.rope import rope_qk, rope_qk_reference
+    q, k_nope, k_rope, cos, sin = _mla_rope_inputs()
+    q, k_nope, k_rope = (t.requires_grad_() for t in (q, k_nope, k_rope))
+    q_out, k_out = rope_qk(q, k_nope, k_rope, cos, sin, interleave)
+    d_nope = k_nope.shape[-1]
+    pairs = (slice(0, None, 2), slice(1, None, 2)) if interleave else (slice(0, 4), slice(4, 8))
+    c, s = cos[:, :, None], sin[:, :, None]
+    x1, x2 = q[..., d_nope:][..., pairs[0]], q[..., d_nope:][..., pairs[1]]
+    assert torch.allclose(q_out[..., d_nope:][..., pairs[0]], x1 * c - x2 * s)
+    assert torch.allclose(q_out[..., d_nope:][..., pairs[1]], x2 * c + x1 * s)
+    assert torch.equal(q_out[..., :d_nope], q[..., :d_nope]) and torch.equal(k_out[..., :d_nope], k_nope)
+    assert torch.equal(k_out[:, :, 0, d_nope:], k_out[:, :, 2, d_nope:])       # one k_rope for every head
+    # rotations by θ_t: the rope part of q_t·k_s depends on t − s only (here both at t = s)
+    rope_dot = (q_out[..., d_nope:] * k_out[..., d_nope:]).sum(-1)
+    assert torch.allclose(rope_dot, (q[..., d_nope:] * k_rope[:, :, None]).sum(-1))
+    g = [torch.randn_like(q_out), torch.randn_like(k_out)]
+    got = torch.autograd.grad([q_out, k_out], [q, k_nope, k_rope], g)
+    ref = torch.autograd.grad(rope_qk_reference(q, k_nope, k_rope, cos, sin, interleave), [q, k_nope, k_rope], g)
+    for a, b in zip(got, ref):
+        assert a.shape == b.shape and torch.allclose(a, b, atol=1e-12)
+    torch.library.opcheck(torch.ops.nanoseek.rope_qk.default, (q, k_nope, k_rope, cos, sin, interleave))

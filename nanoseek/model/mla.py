@@ -21,8 +21,8 @@ from torch import nn
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from ..config import ModelConfig
+from ..kernels.rope import apply_rope, rope_qk
 from .layers import RMSNorm, parallel_linear
-from .rope import apply_rope
 
 
 def document_mask(doc_ids: torch.Tensor, flex: bool | None = None) -> torch.Tensor | BlockMask:
@@ -73,40 +73,39 @@ class MLA(nn.Module):
                                    bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.v_head_dim, H, bias=bias)
 
-    def project(self, x: torch.Tensor, cos, sin) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x (B, T, H) -> q_nope, q_rope (B, T, n_heads, ·), c_kv (B, T, kv_lora_rank) normalized, k_rope
-        (B, T, qk_rope_head_dim); RoPE applied. W_DQ and W_DKV both read x: one GEMM in training (parallel_linear)."""
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, T, H) -> q (B, T, n_heads, d_nope + d_rope), c_kv (B, T, kv_lora_rank) normalized, k_rope
+        (B, T, qk_rope_head_dim); RoPE not applied yet. W_DQ and W_DKV both read x: one GEMM in training
+        (parallel_linear)."""
         if self.q_lora_rank is None:
             q, kv = parallel_linear(x, self.q_proj, self.kv_a_proj_with_mqa)
         else:
             c_q, kv = parallel_linear(x, self.q_a_proj, self.kv_a_proj_with_mqa)
             q = self.q_b_proj(self.q_a_layernorm(c_q))
-        q_nope, q_rope = q.unflatten(-1, (self.n_heads, self.qk_head_dim)).split(
-            [self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
         c_kv, k_rope = kv.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
-        return (q_nope, apply_rope(q_rope, cos, sin, self.rope_interleave), self.kv_a_layernorm(c_kv),
-                apply_rope(k_rope, cos, sin, self.rope_interleave))
+        return q.unflatten(-1, (self.n_heads, self.qk_head_dim)), self.kv_a_layernorm(c_kv), k_rope
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, T, H). Without a cache: causal attention over x (`mask`, if given, is `document_mask`'s BlockMask
         or (B, T, T) bool of allowed pairs). With a cache: attend to the cached prefix plus x, `mask` (B, T, S) is
         then required."""
-        q_nope, q_rope, c_kv, k_rope = self.project(x, cos, sin)
+        q, c_kv, k_rope = self.project(x)
         if cache is None:
-            out = self._attend_expanded(q_nope, q_rope, c_kv, k_rope, mask)
+            out = self._attend_expanded(q, c_kv, k_rope, cos, sin, mask)
         else:
-            c_kv, k_rope = cache.update(self.layer_idx, c_kv, k_rope)
+            q_nope, q_rope = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+            q_rope = apply_rope(q_rope, cos, sin, self.rope_interleave)
+            c_kv, k_rope = cache.update(self.layer_idx, c_kv, apply_rope(k_rope, cos, sin, self.rope_interleave))
             out = self._attend_absorbed(q_nope, q_rope, c_kv, k_rope, mask)
         return self.o_proj(out.flatten(2))
 
-    def _attend_expanded(self, q_nope, q_rope, c_kv, k_rope, mask):
-        B, T, _ = c_kv.shape
+    def _attend_expanded(self, q, c_kv, k_rope, cos, sin, mask):
         k_nope, v = self.kv_b_proj(c_kv).unflatten(-1, (self.n_heads, -1)).split(
             [self.qk_nope_head_dim, self.v_head_dim], dim=-1)
-        q = torch.cat([q_nope, q_rope], dim=-1).transpose(1, 2)                      # (B, nh, T, d_qk)
-        k = torch.cat([k_nope, k_rope[:, :, None].expand(B, T, self.n_heads, -1)], dim=-1).transpose(1, 2)
-        v = v.transpose(1, 2)
+        # [q_nope; RoPE(q_rope)] and [k_nope; RoPE(k_rope)], k_rope shared by all heads
+        q, k = rope_qk(q, k_nope, k_rope, cos, sin, self.rope_interleave)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)           # (B, nh, T, d)
         if isinstance(mask, BlockMask):   # FlexAttention takes d_v < d_qk on every GPU
             attend = _compiled_flex_attention if q.is_cuda else flex_attention
             return attend(q, k, v, block_mask=mask, scale=self.softmax_scale).transpose(1, 2)

@@ -1,6 +1,7 @@
 """Rotary position embedding with YaRN frequency interpolation (DeepSeek-V2 §2.1.3, YaRN paper §3).
 
-Only the decoupled `qk_rope_head_dim` dims of q and the single shared k_rope are rotated.
+Only the decoupled `qk_rope_head_dim` dims of q and the single shared k_rope are rotated; this file computes the
+angles (cos, sin), the rotation itself is kernels/rope.py's `apply_rope` (fused with MLA's q/k assembly there).
 """
 from __future__ import annotations
 
@@ -52,20 +53,3 @@ def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, scale: float =
     """positions (B, T) -> cos, sin of shape (B, T, d/2), computed in fp32."""
     angles = positions.to(torch.float32)[..., None] * inv_freq.to(positions.device)
     return angles.cos() * scale, angles.sin() * scale
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor:
-    """Rotate pairs of x (B, T, [H,] d) by the angles in cos/sin (B, T, d/2).
-
-    Pairs are (x0,x1),(x2,x3),… when `interleave` (DeepSeek's checkpoints), else (x_i, x_{i+d/2}).
-    Output keeps the input layout, so q·k is the same either way for matching layouts.
-    """
-    if x.dim() == 4:
-        cos, sin = cos[:, :, None], sin[:, :, None]
-    dtype = x.dtype
-    x = x.float()
-    if interleave:
-        x1, x2 = x[..., 0::2], x[..., 1::2]
-        return torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2).to(dtype)
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(dtype)

@@ -1,0 +1,129 @@
+"""Triton kernels for MLA's q/k assembly with RoPE (CUDA only; the PyTorch reference and the custom ops are in
+kernels/rope.py).
+
+* `_rope_rows_kernel`: out[b, t, h] = [nope[b, t, h]; R(±θ_t) rope[b, t, h]], one (position block, batch row,
+  head) per program: q forward (rope = q's own last dims), k forward (rope = the token's shared k_rope, head
+  stride 0) and q backward (−θ).
+* `_rope_head_sum_kernel`: R(−θ_t) Σ_h dk[b, t, h, d_nope:], k_rope's gradient, summed in fp32.
+
+Rows are addressed by (batch, position, head) strides, so the GEMM outputs and the attention kernel's gradients
+are read where they lie, without copies; each row's rope dims are loaded and stored whole and their pairs split
+and joined in registers (a first version that loaded and stored the pair members as separate strided accesses,
+with the grid's row index divided into (batch, position), ran at ~0.6 TB/s on an H200).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK_T = 64        # positions of one head per program
+SUM_BLOCK_T = 32    # positions per program of the head sum (which loops over the heads)
+
+
+@triton.jit
+def _rotate(x, c, s, BLOCK_T: tl.constexpr, D_ROPE: tl.constexpr, INTERLEAVE: tl.constexpr):
+    """x (BLOCK_T, D_ROPE) in fp32 -> each pair (x1, x2) rotated to (x1 c − x2 s, x2 c + x1 s); c, s (BLOCK_T,
+    D_ROPE/2). Pairs are adjacent dims when INTERLEAVE, else dims i and i + D_ROPE/2."""
+    if INTERLEAVE:
+        x1, x2 = tl.split(tl.reshape(x, (BLOCK_T, D_ROPE // 2, 2)))
+        return tl.reshape(tl.join(x1 * c - x2 * s, x2 * c + x1 * s), (BLOCK_T, D_ROPE))
+    x1, x2 = tl.split(tl.permute(tl.reshape(x, (BLOCK_T, 2, D_ROPE // 2)), (0, 2, 1)))
+    return tl.reshape(tl.permute(tl.join(x1 * c - x2 * s, x2 * c + x1 * s), (0, 2, 1)), (BLOCK_T, D_ROPE))
+
+
+@triton.jit
+def _rope_rows_kernel(nope, rope, cos, sin, out, T, H, s_nb, s_nt, s_nh, s_rb, s_rt, s_rh, s_cb, s_ct,
+                      SIGN: tl.constexpr, D_NOPE: tl.constexpr, D_ROPE: tl.constexpr, P_NOPE: tl.constexpr,
+                      BLOCK_T: tl.constexpr, INTERLEAVE: tl.constexpr):
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    b = tl.program_id(1).to(tl.int64)
+    h = tl.program_id(2).to(tl.int64)
+    live = (t < T)[:, None]
+    t = t.to(tl.int64)
+    row = out + (((b * T + t) * H + h) * (D_NOPE + D_ROPE))[:, None]
+    j = tl.arange(0, P_NOPE)[None, :]
+    x = tl.load(nope + (b * s_nb + h * s_nh + t * s_nt)[:, None] + j, mask=live & (j < D_NOPE))
+    tl.store(row + j, x.to(out.dtype.element_ty), mask=live & (j < D_NOPE))
+    i = tl.arange(0, D_ROPE // 2)[None, :]
+    c = tl.load(cos + (b * s_cb + t * s_ct)[:, None] + i, mask=live).to(tl.float32)
+    s = tl.load(sin + (b * s_cb + t * s_ct)[:, None] + i, mask=live).to(tl.float32) * SIGN
+    r = tl.arange(0, D_ROPE)[None, :]
+    x = tl.load(rope + (b * s_rb + h * s_rh + t * s_rt)[:, None] + r, mask=live).to(tl.float32)
+    y = _rotate(x, c, s, BLOCK_T, D_ROPE, INTERLEAVE)
+    tl.store(row + D_NOPE + r, y.to(out.dtype.element_ty), mask=live)
+
+
+@triton.jit
+def _rope_head_sum_kernel(dk, cos, sin, out, T, H, s_b, s_t, s_h, s_cb, s_ct, D_NOPE: tl.constexpr,
+                          D_ROPE: tl.constexpr, BLOCK_T: tl.constexpr, INTERLEAVE: tl.constexpr):
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    b = tl.program_id(1).to(tl.int64)
+    live = (t < T)[:, None]
+    t = t.to(tl.int64)
+    r = tl.arange(0, D_ROPE)[None, :]
+    src = dk + (b * s_b + t * s_t)[:, None] + D_NOPE + r
+    g = tl.zeros((BLOCK_T, D_ROPE), dtype=tl.float32)
+    for h in range(H):
+        g += tl.load(src + h * s_h, mask=live, other=0.0).to(tl.float32)
+    i = tl.arange(0, D_ROPE // 2)[None, :]
+    c = tl.load(cos + (b * s_cb + t * s_ct)[:, None] + i, mask=live).to(tl.float32)
+    s = -tl.load(sin + (b * s_cb + t * s_ct)[:, None] + i, mask=live).to(tl.float32)
+    y = _rotate(g, c, s, BLOCK_T, D_ROPE, INTERLEAVE)
+    tl.store(out + ((b * T + t) * D_ROPE)[:, None] + r, y.to(out.dtype.element_ty), mask=live)
+
+
+def supports(d_rope: int) -> bool:
+    """The rope dims are one block of registers: a power of two."""
+    return d_rope >= 2 and d_rope & (d_rope - 1) == 0
+
+
+def _check(*tensors: torch.Tensor):
+    for x in tensors:
+        if x.stride(-1) != 1:
+            raise ValueError(f"rope_qk: the last dim must be contiguous, got strides {tuple(x.stride())}")
+
+
+def _rows(nope, rope, cos, sin, out, sign: int, interleave: bool, rope_per_head: bool):
+    B, T, H, d_nope = nope.shape
+    d_rope = out.shape[-1] - d_nope
+    _check(nope, rope, cos)
+    if B * T * H == 0:
+        return out
+    _rope_rows_kernel[(triton.cdiv(T, BLOCK_T), B, H)](
+        nope, rope, cos, sin, out, T, H, nope.stride(0), nope.stride(1), nope.stride(2), rope.stride(0),
+        rope.stride(1), rope.stride(2) if rope_per_head else 0, cos.stride(0), cos.stride(1),
+        SIGN=sign, D_NOPE=d_nope, D_ROPE=d_rope, P_NOPE=triton.next_power_of_2(max(d_nope, 1)), BLOCK_T=BLOCK_T,
+        INTERLEAVE=interleave, num_warps=4)
+    return out
+
+
+def _angles(cos: torch.Tensor, sin: torch.Tensor, B: int, T: int):
+    # cos/sin may broadcast over the batch (stride 0): strides are read as they are
+    return cos.expand(B, T, cos.shape[-1]), sin.expand(B, T, sin.shape[-1])
+
+
+def rope_qk(q, k_nope, k_rope, cos, sin, interleave: bool):
+    B, T, H, d_qk = q.shape
+    d_nope = k_nope.shape[-1]
+    cos, sin = _angles(cos, sin, B, T)
+    q_out = q.new_empty(B, T, H, d_qk)
+    k_out = k_nope.new_empty(B, T, H, d_qk)
+    _rows(q[..., :d_nope], q[..., d_nope:], cos, sin, q_out, 1, interleave, rope_per_head=True)
+    _rows(k_nope, k_rope, cos, sin, k_out, 1, interleave, rope_per_head=False)
+    return q_out, k_out
+
+
+def rope_qk_backward(dq, dk, cos, sin, d_nope: int, interleave: bool):
+    B, T, H, d_qk = dq.shape
+    d_rope = d_qk - d_nope
+    cos, sin = _angles(cos, sin, B, T)
+    d_q = dq.new_empty(B, T, H, d_qk)
+    _rows(dq[..., :d_nope], dq[..., d_nope:], cos, sin, d_q, -1, interleave, rope_per_head=True)
+    d_k_rope = dk.new_empty(B, T, d_rope)
+    _check(dk)
+    if B * T and H:
+        _rope_head_sum_kernel[(triton.cdiv(T, SUM_BLOCK_T), B)](
+            dk, cos, sin, d_k_rope, T, H, dk.stride(0), dk.stride(1), dk.stride(2), cos.stride(0), cos.stride(1),
+            D_NOPE=d_nope, D_ROPE=d_rope, BLOCK_T=SUM_BLOCK_T, INTERLEAVE=interleave, num_warps=4)
+    return d_q, dk[..., :d_nope].clone(memory_format=torch.contiguous_format), d_k_rope
