@@ -125,6 +125,9 @@ def test_cross_entropy_kernel_matches_reference(block, dtype):
     torch.testing.assert_close(g.float(), ref_g.float(), **tol)
     loss_only, none = cross_entropy_triton.loss_and_grad(logits, labels, -100, False, block=block)
     assert none is None and torch.equal(loss_only, loss)
+    buf = logits.clone()   # G written over the logits: the same values, in the same storage
+    loss_in, g_in = cross_entropy_triton.loss_and_grad(buf, labels, -100, True, block=block, inplace=True)
+    assert g_in.data_ptr() == buf.data_ptr() and torch.equal(g_in, g) and torch.equal(loss_in, loss)
 
 
 @pytest.mark.parametrize("interleave", [True, False])

@@ -25,10 +25,13 @@ def loss_and_grad_reference(logits: torch.Tensor, labels: torch.Tensor, ignore_i
 _reference_compiled = torch.compile(loss_and_grad_reference, dynamic=False)
 
 
-def loss_and_grad(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, want_grad: bool):
+def loss_and_grad(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, want_grad: bool,
+                  inplace: bool = False):
+    """inplace: the logits are a temporary that G may be written over (the Triton kernel does: half the memory)."""
     if not logits.is_cuda:
         return loss_and_grad_reference(logits, labels, ignore_index, want_grad)
     if have_triton() and logits.dtype in (torch.bfloat16, torch.float16, torch.float32):
         from . import cross_entropy_triton
-        return cross_entropy_triton.loss_and_grad(logits.contiguous(), labels.contiguous(), ignore_index, want_grad)
+        return cross_entropy_triton.loss_and_grad(logits.contiguous(), labels.contiguous(), ignore_index, want_grad,
+                                                  inplace=inplace and logits.is_contiguous())
     return _reference_compiled(logits, labels, ignore_index, want_grad)

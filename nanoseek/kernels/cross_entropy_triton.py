@@ -3,7 +3,8 @@ reference is kernels/cross_entropy.py's `loss_and_grad_reference`):
 
     lse = log Σ_j exp(z_j),   loss = lse − z_y,   G_j = exp(z_j − lse) − [j = y]      (zero on ignored rows)
 
-Two passes over the row: an online max and sum per lane (rescaled when the max grows), then G. inductor's kernel
+Two passes over the row: an online max and sum per lane (rescaled when the max grows), then G, which may be
+written over the logits (each element is read before it is overwritten, by the same thread). inductor's kernel
 for the same formulas takes three (max, sum, G). The second pass finds most of the row still in L2.
 """
 from __future__ import annotations
@@ -42,11 +43,16 @@ def _loss_grad_kernel(logits, labels, loss, grad, V, ignore_index, BLOCK: tl.con
 
 
 def loss_and_grad(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, want_grad: bool,
-                  block: int = 2048, num_warps: int = 8) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """logits (n, V) contiguous, labels (n,) -> (Σ_rows loss in fp32, G in the logits' dtype or None)."""
+                  block: int = 2048, num_warps: int = 8, inplace: bool = False
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """logits (n, V) contiguous, labels (n,) -> (Σ_rows loss in fp32, G in the logits' dtype or None); with
+    `inplace` G is the logits tensor, overwritten."""
     n, V = logits.shape
     loss = torch.empty(n, dtype=torch.float32, device=logits.device)
-    grad = torch.empty_like(logits) if want_grad else loss   # unused pointer without a gradient
+    if not want_grad:
+        grad = loss   # unused pointer
+    else:
+        grad = logits if inplace else torch.empty_like(logits)
     if n:
         _loss_grad_kernel[(n,)](logits, labels, loss, grad, V, ignore_index, BLOCK=block, WANT_GRAD=want_grad,
                                 num_warps=num_warps)
