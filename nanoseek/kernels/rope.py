@@ -9,9 +9,9 @@ and the shared k_rope's gradient is the rotation of its gradients summed over he
 
 Compiled from the PyTorch code, the concatenations and the rotation of interleaved pairs became element-wise
 kernels taking 1.86 ms a step at `small` on an H200 (bench/profile_train.py). As a custom op they are 1.23 ms
-(row kernels at ~16 µs a call; k's backward, the copy of dk_nope and the head sum in one kernel, 29 µs), and the
-step 61.7 → 61.15 ms in one run (bench/train.py --variants bf16-graph, this op against its reference compiled,
-2026-12-02).
+(row kernels at ~16 µs a call; k's backward, the copy of dk_nope and the head sum in one kernel, 29 µs before its
+tile was retuned, 7-8 µs alone since in bench/rope.py), and the step 61.7 → 61.15 ms in one run
+(bench/train.py --variants bf16-graph, this op against its reference compiled, 2026-12-02).
 """
 from __future__ import annotations
 

@@ -20,7 +20,10 @@ import triton
 import triton.language as tl
 
 BLOCK_T = 64        # positions of one head per program
-K_ELEMENTS = 8192   # elements of dk per program of k's backward (positions × heads × dims, padded)
+# k's backward: elements of dk per program (positions × heads × dims, padded), and warps per 8192 of them. At
+# small on an H200 (bench/rope.py --sweep): 16 positions × 8 heads on 2 warps 7.3 µs, 32 on 4 8.4 µs, while 8
+# positions on 4 warps took 25.7 µs (each warp then holds fewer heads, and the head sum crosses warps)
+K_ELEMENTS = 16384
 
 
 @triton.jit
@@ -133,9 +136,11 @@ def rope_qk_backward(dq, dk, cos, sin, d_nope: int, interleave: bool):
     _check(dk)
     if B * T and H:
         p_h, p_nope = triton.next_power_of_2(H), triton.next_power_of_2(max(d_nope, 1))
-        block_t = 1 << (max(K_ELEMENTS // (p_h * (p_nope + d_rope)), 1).bit_length() - 1)   # a power of two
+        row = p_h * (p_nope + d_rope)
+        block_t = 1 << (max(K_ELEMENTS // row, 1).bit_length() - 1)   # a power of two
+        num_warps = min(max(triton.next_power_of_2(block_t * row // 8192), 2), 8)
         _k_backward_kernel[(triton.cdiv(T, block_t), B)](
             dk, cos, sin, d_k_nope, d_k_rope, T, H, dk.stride(0), dk.stride(1), dk.stride(2), cos.stride(0),
             cos.stride(1), D_NOPE=d_nope, D_ROPE=d_rope, P_NOPE=p_nope, P_H=p_h, BLOCK_T=block_t,
-            INTERLEAVE=interleave, num_warps=4)
+            INTERLEAVE=interleave, num_warps=num_warps)
     return d_q, d_k_nope, d_k_rope
