@@ -15,7 +15,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import copy_tb_s, env, graph_time_ms, write_json  # noqa: E402
 from nanoseek.kernels import cross_entropy, cross_entropy_triton  # noqa: E402
-from nanoseek.model.loss import CHUNK_LOGITS  # noqa: E402
+from nanoseek.model.loss import CHUNK_BYTES  # noqa: E402
 
 def main():
     ap = argparse.ArgumentParser()
@@ -29,7 +29,7 @@ def main():
                     for b, w in ((1024, 4), (2048, 4), (4096, 8), (8192, 8), (8192, 16))]
     print(f"{'vocab':>7s} {'rows':>6s} {'kernel':36s} {'ms':>8s} {'TB/s':>6s} {'vs inductor':>11s}")
     for V in (32000, 129280):
-        rows = args.rows or CHUNK_LOGITS // V
+        rows = args.rows or CHUNK_BYTES // (2 * V)
         g = torch.Generator(device="cuda").manual_seed(0)
         logits = (torch.randn(rows, V, device="cuda", generator=g) * 3).bfloat16()
         labels = torch.randint(0, V, (rows,), device="cuda", generator=g)

@@ -159,6 +159,24 @@ def test_chunked_cross_entropy_matches_plain():
         assert torch.allclose(chunked_cross_entropy(h, w, labels, chunk_rows=32), ref)
 
 
+def test_chunk_size_follows_the_logits_budget(monkeypatch):
+    """Without chunk_rows, a chunk holds CHUNK_BYTES of logits in the compute dtype: 40 float64 logits a row and a
+    budget of 10 rows cut the 150 rows into 15 chunks, with the same loss and gradients."""
+    from nanoseek.model import loss as loss_mod
+    h = torch.randn(150, 16, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(40, 16, dtype=torch.float64)
+    labels = torch.randint(0, 40, (150,))
+    calls = []
+    real = loss_mod.loss_and_grad
+    monkeypatch.setattr(loss_mod, "loss_and_grad", lambda z, *a, **k: calls.append(z.shape[0]) or real(z, *a, **k))
+    monkeypatch.setattr(loss_mod, "CHUNK_BYTES", 10 * 40 * 8)
+    got = loss_mod.chunked_cross_entropy(h, w, labels)
+    assert calls == [10] * 15
+    ref = torch.nn.functional.cross_entropy(h @ w.t(), labels)
+    assert torch.allclose(got, ref)
+    assert torch.allclose(torch.autograd.grad(got, h)[0], torch.autograd.grad(ref, h)[0])
+
+
 def test_attention_masked_path_equals_causal_path():
     """The document-mask path with one document per row (a plain causal mask) equals the is_causal fast path."""
     cfg = preset("tiny")

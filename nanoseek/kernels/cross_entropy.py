@@ -3,7 +3,6 @@ Triton kernel on CUDA (kernels/cross_entropy_triton.py), the PyTorch reference b
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from . import have_triton
 
@@ -17,8 +16,10 @@ def loss_and_grad_reference(logits: torch.Tensor, labels: torch.Tensor, ignore_i
     loss = ((lse - z.gather(1, safe[:, None]).squeeze(1)) * valid).sum()
     if not want_grad:
         return loss, None
-    g = (z - lse[:, None]).exp() - F.one_hot(safe, z.shape[-1]).to(z.dtype)
-    return loss, (g * valid[:, None]).to(logits.dtype)
+    # in place on one fresh tensor: a chunk's temporaries stay at one (n, V) copy besides the logits
+    g = (z - lse[:, None]).exp_()
+    g[torch.arange(g.shape[0], device=g.device), safe] -= 1
+    return loss, g.masked_fill_(~valid[:, None], 0).to(logits.dtype)
 
 
 # on CUDA without Triton, inductor fuses the upcast, log-sum-exp, loss and G

@@ -8,15 +8,16 @@ Forward computes both per chunk and keeps only them (n·H + V·H values); backwa
 gradient. That is three head GEMMs per chunk, against four when the logits are recomputed in backward, and
 at V3's 129K vocabulary and 16K tokens a step it avoids the 8.5 GB of fp32 logits.
 
-Chunks hold at most CHUNK_LOGITS logits (1 GiB in bf16, G written over them): at V3's vocabulary 4,152 rows, at
-`small`'s 32K a whole 16K-token step in one chunk, where 4,096-row chunks spent an extra fp32 read and write of
-∂L/∂W per chunk and four launches of the loss kernel with their tails.
+A chunk's logits take at most CHUNK_BYTES in the compute dtype (on CUDA, G is written over them): in bf16 at V3's
+vocabulary 4,152 rows, at `small`'s 32K a whole 16K-token step in one chunk, where 4,096-row chunks spent an extra
+fp32 read and write of ∂L/∂W per chunk and four launches of the loss kernel with their tails (0.6 ms of an H200
+step, BENCHMARKS.md).
 """
 import torch
 
 from ..kernels.cross_entropy import loss_and_grad
 
-CHUNK_LOGITS = 2**29
+CHUNK_BYTES = 2**30
 
 
 def _add_product(acc: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -38,6 +39,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         device = h.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
         hc, w = h.to(dtype), weight.to(dtype)
+        chunk_rows = chunk_rows or max(CHUNK_BYTES // (w.shape[0] * w.element_size()), 1)
         # needs_input_grad ignores no_grad mode: grad_enabled (the caller's mode) spares evaluation the gradients
         want_h, want_w = (ctx.needs_input_grad[0], ctx.needs_input_grad[1]) if grad_enabled else (False, False)
         total = torch.zeros((), dtype=torch.promote_types(dtype, torch.float32), device=h.device)
@@ -68,10 +70,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
 def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
                           chunk_rows: int | None = None) -> torch.Tensor:
     """mean CE of softmax(h Wᵀ) against labels over the rows whose label is not ignore_index.
-    h (..., H), weight (V, H), labels (...); chunk_rows None: as many as CHUNK_LOGITS allows."""
+    h (..., H), weight (V, H), labels (...); chunk_rows None: as many as CHUNK_BYTES of logits allow."""
     labels = labels.reshape(-1)
-    if chunk_rows is None:
-        chunk_rows = max(CHUNK_LOGITS // weight.shape[0], 1)
     total = _LinearCrossEntropy.apply(h.reshape(-1, h.shape[-1]), weight, labels, ignore_index, chunk_rows,
                                       torch.is_grad_enabled())
     return total / (labels != ignore_index).sum().clamp(min=1)
