@@ -1,8 +1,8 @@
 """The chunked head's cross-entropy step alone (kernels/cross_entropy.py): from a chunk of logits to the summed
 loss and G = softmax − onehot, Triton against inductor's kernel for the same PyTorch reference, at small's
-vocabulary (32000) and V3's (129280), bf16, as many rows as model/loss.py puts in a chunk (16,384 and 4,152). GPU time of 20 calls replayed as one CUDA graph; bytes =
-one read of the logits and one write of G. --sweep times the Triton kernel's launch configurations too (elements
-per step of its loops, warps).
+vocabulary (32000) and V3's (129280), bf16, as many rows as model/loss.py's budget allows in a chunk (16,777 and
+4,152). GPU time of 20 calls replayed as one CUDA graph; bytes = one read of the logits and one write of G.
+--sweep times the Triton kernel's launch configurations too (elements per step of its loops, warps).
 
     python3 bench/cross_entropy.py [--rows N] [--sweep]
 """

@@ -33,6 +33,7 @@ def loss_and_grad(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int,
         return loss_and_grad_reference(logits, labels, ignore_index, want_grad)
     if have_triton() and logits.dtype in (torch.bfloat16, torch.float16, torch.float32):
         from . import cross_entropy_triton
+        # .contiguous() is the caller's temporary or a fresh copy: G may go over either
         return cross_entropy_triton.loss_and_grad(logits.contiguous(), labels.contiguous(), ignore_index, want_grad,
-                                                  inplace=inplace and logits.is_contiguous())
+                                                  inplace=inplace)
     return _reference_compiled(logits, labels, ignore_index, want_grad)
