@@ -3,11 +3,14 @@ compiled steps (torch.profiler), and the step's wall time against the GPU's busy
 says whether the step is host-bound.
 
     python bench/profile_train.py [--preset small|wide|...] [--batch 8] [--seq 2048] [--dtype bf16|fp32] [--fp8]
-                                  [--no-compile] [--compile-mode MODE] [--rows 30] [--trace]
+                                  [--no-compile] [--compile-mode MODE] [--rows 30] [--trace] [--who REGEX]
 
 --dtype bf16 is bench/train.py's like-for-like run (bf16 weights and moments); fp32 is the trainer's default
 (fp32 master weights under bf16 autocast). --preset wide is bench/fp8.py's wide config (hidden 4096), at its
-batch unless --batch is given. --trace also writes a gzipped Chrome trace of one step to $OUT.
+batch unless --batch is given. --trace also writes a gzipped Chrome trace of one step to $OUT. --who lists the
+ops that launched the kernels whose names match REGEX, with their enclosing ops (the autograd node, in backward)
+and the innermost nanoseek lines of their Python stacks; kernels replayed from a CUDA graph have no launching op
+(use --compile-mode default to see inside the blocks).
 """
 import argparse
 import gzip
@@ -58,6 +61,7 @@ def main():
     ap.add_argument("--fp8", action="store_true", help="FP8 layers (fp8/convert.py), as run.precision = 'fp8'")
     ap.add_argument("--rows", type=int, default=30)
     ap.add_argument("--trace", action="store_true")
+    ap.add_argument("--who", default="", help="regex of kernel names whose launching ops to list")
     ap.add_argument("--compile-mode", default="reduce-overhead",
                     help="torch.compile mode of the blocks: reduce-overhead (CUDA graphs, the trainer's default) "
                          "or default")
@@ -120,7 +124,34 @@ def main():
         with open(path, "rb") as f, gzip.open(path + ".gz", "wb") as g:
             shutil.copyfileobj(f, g)
         os.remove(path)
+    if args.who:
+        who(step, args.who)
     print(torch.cuda.memory_summary(abbreviated=True)[:1500])
+
+
+def who(step, pattern: str):
+    """One step under the profiler with Python stacks: GPU time per launching op of the kernels matching
+    `pattern`, with the op's enclosing ops (an autograd node in backward) and innermost nanoseek frames."""
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU], with_stack=True) as prof:
+        step()
+        torch.cuda.synchronize()
+    found = defaultdict(lambda: [0.0, 0, set()])
+    for e in prof.events():
+        hits = [k for k in e.kernels if re.search(pattern, k.name)]
+        if not hits:
+            continue
+        parents, p = [], e.cpu_parent
+        while p is not None and len(parents) < 4:
+            parents.append(p.name)
+            p = p.cpu_parent
+        frames = [f for f in e.stack if "nanoseek" in f or "bench" in f][:3]
+        entry = found[(e.name, " < ".join(parents + frames))]
+        entry[0] += sum(k.duration for k in hits) / 1e3
+        entry[1] += len(hits)
+        entry[2].update(k.name[:80] for k in hits)
+    print(f"\nkernels matching {pattern!r}, by launching op:")
+    for (op, frames), (ms, n, names) in sorted(found.items(), key=lambda kv: -kv[1][0]):
+        print(f"{ms:8.3f} ms {n:5d}x  {op}  [{frames}]\n{'':22s}{'; '.join(sorted(names))}")
 
 
 if __name__ == "__main__":
