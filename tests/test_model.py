@@ -264,6 +264,33 @@ def test_compiled_gate_routes_like_eager():
     assert torch.allclose(w_comp, w_eager, atol=1e-6) and torch.allclose(s_comp, s_eager, atol=1e-6)
 
 
+def test_gate_backward_same_eager_and_compiled_under_autocast():
+    """The gate's backward (model/moe.py _GateLogits) rounds the logits' gradient g to the activations' dtype and
+    sums in fp32, eager as compiled. Traced under the forward's bf16 autocast, its GEMMs used to be cast by autocast
+    in compiled steps only, so dx differed from eager's fp32 dx."""
+    from nanoseek.model.moe import _GateLogits
+    torch.manual_seed(0)
+    x0, w0, g = torch.randn(256, 64).bfloat16(), torch.randn(16, 64), torch.randn(256, 16)
+
+    def grads(fn):
+        x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            fn(x, w).backward(g)
+        return x.grad, w.grad
+
+    def logits(x, w):
+        with torch.autocast("cpu", enabled=False):
+            return _GateLogits.apply(x, w)
+    dx, dw = grads(logits)
+    torch._dynamo.reset()
+    dx_c, dw_c = grads(torch.compile(logits))
+    gb = g.bfloat16()
+    assert torch.equal(dx, gb @ w0.bfloat16()) and torch.equal(dw, gb.float().t() @ x0.float())
+    assert torch.equal(dx_c, dx)
+    # inductor may keep g unrounded inside its fused fp32 GEMM: within g's bf16 rounding
+    assert (dw_c - dw).norm() / dw.norm() < 4e-3
+
+
 @pytest.mark.parametrize("bias", [False, True])
 def test_parallel_linear_equals_separate_linears(bias):
     """The one-GEMM path (training) gives each linear's output and each parameter's gradient as the linears run

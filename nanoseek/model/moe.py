@@ -65,21 +65,33 @@ class _GateLogits(torch.autograd.Function):
     """u_t · e_i in fp32. When u and e are both bf16 (bf16 weights) on CUDA, one bf16 GEMM with an fp32 output:
     the products of bf16 values are exact in fp32 and the sums run in fp32, so this is the fp32 GEMM on the
     upcast operands (up to summation order) without writing u in fp32 and with the bf16 tensor cores' rate.
-    Backward stays in fp32, as V3's gate does."""
+
+    Backward takes the logits' gradient in the activations' dtype, as every layer's output gradient is (bf16
+    under autocast; V3 §3.3.1 keeps the gate in "BF16 or FP32"): dx = g·E in that dtype, dE = gᵀ·u summed in
+    fp32. Compiled, the backward is traced under the forward's autocast, which cast its GEMMs to bf16 (dE rounded
+    to bf16 too) while eager steps ran them in fp32; with the casts written out and autocast off, both compute
+    these gradients (exact fp32 GEMMs when the activations are fp32)."""
 
     @staticmethod
     def forward(ctx, x, w):
         ctx.save_for_backward(x, w)
-        if x.is_cuda and x.dtype == w.dtype == torch.bfloat16:
-            return torch.mm(x, w.t(), out_dtype=torch.float32)
-        return x.float() @ w.float().t()
+        return _fp32_mm(x, w.t())
 
     @staticmethod
     def backward(ctx, grad):
         x, w = ctx.saved_tensors
-        dx = (grad @ w.float()).to(x.dtype) if ctx.needs_input_grad[0] else None
-        dw = (grad.t() @ x.float()).to(w.dtype) if ctx.needs_input_grad[1] else None
+        with torch.autocast(x.device.type, enabled=False):   # traced under autocast when compiled
+            g = grad.to(x.dtype)
+            dx = g @ w.to(x.dtype) if ctx.needs_input_grad[0] else None
+            dw = _fp32_mm(g.t(), x).to(w.dtype) if ctx.needs_input_grad[1] else None
         return dx, dw
+
+
+def _fp32_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b with fp32 sums and an fp32 result: bf16 CUDA operands go to the tensor cores as they are."""
+    if a.is_cuda and a.dtype == b.dtype == torch.bfloat16:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return a.float() @ b.float()
 
 
 def top_k(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
