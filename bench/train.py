@@ -2,7 +2,7 @@
 
     python bench/train.py [--preset small] [--batch 8] [--seq 2048] [--no-compile] [--no-cuda-graphs]
                           [--variants bf16,bf16-graph,fp32,eager] [--scaling] [--inductor NAME=VALUE,...]
-                          [--doc-len N [--dense-mask]]
+                          [--doc-len N [--dense-mask]] [--no-overlap]
 
 Both models start from the same checkpoint; their first-step losses must agree. transformers runs as in
 DESIGN.md §4 (bf16 weights, sdpa, torch's fused AdamW); nanoseek runs like for like (bf16 weights and moments)
@@ -35,7 +35,7 @@ from nanoseek.info import count  # noqa: E402
 from nanoseek.io import save_hf  # noqa: E402
 from nanoseek.model import DeepSeekV3, transformer  # noqa: E402
 from nanoseek.model.mla import document_mask  # noqa: E402
-from nanoseek.train.compile import compile_blocks as compile_model  # noqa: E402
+from nanoseek.train.compile import compile_blocks as compile_model, overlap_shared_experts  # noqa: E402
 from nanoseek.train.optim import AdamW  # noqa: E402
 from nanoseek.train.recompute import apply_recompute  # noqa: E402
 from nanoseek.train.step_graph import WARMUP_STEPS, StepGraph  # noqa: E402
@@ -102,7 +102,7 @@ def measure(step, iters, warmup, reset=True):
 
 
 def build_nanoseek(cfg, compile_blocks, state=None, dtype=torch.float32, fp8=False, compile_mode=None,
-                   recompute="none"):
+                   recompute="none", overlap=True):
     torch._dynamo.reset()  # each model compiles afresh (shared code objects would pile up guards across models)
     torch.manual_seed(0)
     model = DeepSeekV3(cfg).cuda()
@@ -112,6 +112,8 @@ def build_nanoseek(cfg, compile_blocks, state=None, dtype=torch.float32, fp8=Fal
     if fp8:
         convert_to_fp8(model)
     apply_recompute(model, recompute)
+    if overlap and recompute == "none" and not (compile_blocks and compile_mode):   # as the trainer does
+        overlap_shared_experts(model)
     if compile_blocks:
         compile_model(model, compile_mode)
     return model
@@ -131,6 +133,8 @@ def main():
                     "bf16-graph (the same, the whole step one CUDA graph), fp32 (fp32 master weights + autocast), "
                     "eager (fp32 masters, not compiled); a suffix :MODE adds run.recompute MODE (e.g. bf16:v3)")
     ap.add_argument("--scaling", action="store_true")
+    ap.add_argument("--no-overlap", action="store_true", help="the shared experts in line with the routed ones "
+                    "(run.overlap_shared_experts = false)")
     ap.add_argument("--doc-len", type=int, default=0, help="nanoseek runs with data.document_mask over documents of "
                     "this many tokens (needs --no-hf: transformers runs unmasked)")
     ap.add_argument("--dense-mask", action="store_true", help="with --doc-len: SDPA with a dense (B, T, T) mask "
@@ -203,7 +207,7 @@ def main():
                 + (f", documents of {args.doc_len} ({'dense' if args.dense_mask else 'flex'} mask)"
                    if args.doc_len else "") + ")")
         model = build_nanoseek(cfg, comp, state, dtype, compile_mode=None if graph else mode,
-                               recompute=recompute or "none")
+                               recompute=recompute or "none", overlap=not args.no_overlap)
         torch.compiler.cudagraph_mark_step_begin()
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
             loss0 = model.loss(x, y, doc_ids=doc_ids).ce.item()

@@ -141,6 +141,38 @@ def test_moe_sorted_grouped_path_matches_naive_forward_and_grad():
         assert torch.allclose(a, b, atol=1e-10)
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+def test_shared_expert_overlap_equals_in_line_layer(compiled):
+    """run.overlap_shared_experts (MoE._overlapped; CPU streams are stand-ins, so this checks the path, its graph
+    break and the separately compiled halves, not concurrency): the block's output, router stats and gradients
+    equal the in-line layer's, bit for bit in eager mode (the same ops in the same order), and within fp32
+    reassociation when compiled (inductor fuses the halves differently from the eager block)."""
+    from nanoseek.train.compile import _compile_halves, overlap_shared_experts
+    cfg = preset("tiny", n_routed_experts=8, num_experts_per_tok=3, n_shared_experts=2)
+    torch._dynamo.reset()
+    model = random_model(cfg)
+    block = model.layers[1]
+    x = torch.randn(2, 24, cfg.hidden_size)
+    cos, sin = rope_cos_sin(inv_frequencies(cfg), torch.arange(24).expand(2, 24))
+    outs = []
+    for overlap in (False, True):
+        if overlap:
+            overlap_shared_experts(model)
+            if compiled:   # what train/compile.py's compile_blocks does
+                block.compile()
+                _compile_halves(block.mlp)
+        assert block.mlp.overlap_shared is overlap
+        xi = x.clone().requires_grad_()
+        y, stats = block(xi, cos, sin, return_stats=True)
+        y.square().sum().backward()
+        outs.append([y, stats.load, stats.balance_loss, xi.grad,
+                     *(p.grad for p in block.parameters() if p.grad is not None)])
+        block.zero_grad(set_to_none=True)
+    assert len(outs[0]) == len(outs[1]) > 10
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-4 if compiled else 0, atol=1e-5 if compiled else 0)
+
+
 def test_chunked_cross_entropy_matches_plain():
     from nanoseek.model.loss import chunked_cross_entropy
     h = torch.randn(3, 50, 16, dtype=torch.float64, requires_grad=True)

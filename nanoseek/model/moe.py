@@ -219,18 +219,48 @@ class MoE(nn.Module):
         self.experts = Experts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
         self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
                                if cfg.n_shared_experts else None)
+        self.overlap_shared = False   # the shared experts on a stream of their own: _overlapped
 
     def forward(self, x: torch.Tensor, return_stats: bool = False):
+        if self.overlap_shared and self.shared_experts is not None:
+            y, *stats = self._overlapped(x, return_stats)
+        else:
+            y, *stats = self.routed(x, return_stats)
+            if self.shared_experts is not None:
+                y = y + self.shared_experts(x)
+        return (y, RouterStats(*stats)) if return_stats else y
+
+    def routed(self, x: torch.Tensor, return_stats: bool = False):
+        """x (B, T, H) -> (Σ_{i∈select} g_i FFN_i(x),) and, if return_stats, the RouterStats fields (tensors
+        only: this is compiled on its own when the shared experts overlap, and a dataclass coming out of a
+        compiled region left its fields outside it in torch 2.11)."""
         B, T, H = x.shape
         flat = x.reshape(-1, H)
         weights, indices, scores = self.gate(flat)
-        y = self.experts(flat, weights, indices)
-        if self.shared_experts is not None:
-            y = y + self.shared_experts(flat)
-        y = y.view(B, T, H)
+        y = self.experts(flat, weights, indices).view(B, T, H)
         if not return_stats:
-            return y
-        return y, self.router_stats(indices.view(B, T, -1), scores.view(B, T, -1))
+            return (y,)
+        stats = self.router_stats(indices.view(B, T, -1), scores.view(B, T, -1))
+        return y, stats.load, stats.balance_loss
+
+    @torch.compiler.disable
+    def _overlapped(self, x: torch.Tensor, return_stats: bool):
+        """The shared experts on a side stream while the routed path runs on the current one: the two are
+        independent until their sum. Forward, the shared experts' GEMMs fill the GPU while the gate's top-k, the
+        expert sort and the row gather run (short kernels, most of them latency-bound); autograd runs each
+        backward op on the stream of its forward, so backward overlaps the same way. A compiled block breaks its
+        graph here, and train/compile.py compiles the two halves instead.
+
+        No record_stream is needed: the current stream waits for the side stream before anything after this
+        layer runs, so neither stream can reuse the other's memory early."""
+        streams = torch.get_device_module(x.device)
+        main, side = streams.current_stream(), _side_stream(x.device)
+        side.wait_stream(main)
+        with streams.stream(side):
+            shared = self.shared_experts(x)
+        y, *stats = self.routed(x, return_stats)
+        main.wait_stream(side)
+        return y + shared, *stats
 
     def router_stats(self, indices: torch.Tensor, scores: torch.Tensor) -> RouterStats:
         """Per-expert load, and the sequence-wise balance loss of V3 eq. 17–20 for sequences of length T:
@@ -242,3 +272,16 @@ class MoE(nn.Module):
         f = hits * self.n_experts / (K * T)
         P = (scores / scores.sum(dim=-1, keepdim=True)).mean(dim=1)
         return RouterStats(load=hits.sum(0).detach(), balance_loss=(f * P).sum(-1).mean())
+
+
+_SIDE_STREAMS: dict[torch.device, object] = {}
+
+
+def _side_stream(device: torch.device):
+    """One side stream per device, shared by the layers (they run one after another). On CPU, torch's stand-in
+    streams do nothing, so the same code runs there (in tests) in order."""
+    if device not in _SIDE_STREAMS:
+        streams = torch.get_device_module(device)
+        _SIDE_STREAMS[device] = streams.Stream(device=device) if device.type == "cuda" else streams.Stream()
+    return _SIDE_STREAMS[device]
+

@@ -47,6 +47,11 @@ class Run:
                                    "(train/step_graph.py; the blocks then compile without graphs of their own). "
                                    "bench/train.py, `small` on an H200: 61.2 ms/step against 62.5 with block graphs. "
                                    "Not with fp8, data.document_mask or torchrun yet")
+    overlap_shared_experts: bool = knob(True, "on CUDA, run each MoE layer's shared experts on a side stream, "
+                                              "concurrently with its routed experts, forward and backward "
+                                              "(model/moe.py MoE._overlapped; `small` on an H200: 58.2 ms/step "
+                                              "against 59.3 with run.step_graph). Not with per-block CUDA graphs "
+                                              "(run.cuda_graphs without run.step_graph), run.recompute or torchrun")
     recompute: str = knob("none", "activation recomputation in backward (train/recompute.py, V3 §3.2.3): 'none'; "
                                   "'cheap' keeps only GEMM and attention outputs (norms, RoPE, SwiGLU output, MoE "
                                   "permutations recomputed); 'v3' also recomputes the MLA up-projections; 'full' "

@@ -30,7 +30,7 @@ from ..fp8 import convert_to_fp8
 from ..model import DeepSeekV3
 from . import checkpoint
 from .balance import load_ratio, update_bias
-from .compile import compile_blocks
+from .compile import compile_blocks, overlap_shared_experts
 from .config import TrainConfig, load
 from .ema import EMA
 from .metrics import Metrics, truncate_after
@@ -51,6 +51,7 @@ def pick_device(name: str) -> torch.device:
 class Trainer:
     is_main = True   # the rank that writes metrics, checkpoints and exports (dist/train.py: rank 0 of many)
     can_graph_step = True   # run.step_graph (train/step_graph.py); dist/train.py's sharded step cannot yet
+    can_overlap = True      # run.overlap_shared_experts; not under FSDP2, whose hooks expect one stream
 
     def __init__(self, cfg: TrainConfig, resume: str | None = None, log=print):
         self.cfg, self.log = cfg, log
@@ -88,8 +89,12 @@ class Trainer:
         if cfg.run.step_graph and (self.device.type != "cuda" or not self.can_graph_step):
             raise ValueError("train config 'run.step_graph' needs a single CUDA device"
                              + (" (not torchrun)" if not self.can_graph_step else f", got {self.device}"))
-        if cfg.run.compile and self.device.type == "cuda":
-            block_graphs = cfg.run.cuda_graphs and not cfg.run.step_graph
+        compiled = cfg.run.compile and self.device.type == "cuda"
+        block_graphs = compiled and cfg.run.cuda_graphs and not cfg.run.step_graph
+        if (cfg.run.overlap_shared_experts and self.device.type == "cuda" and cfg.run.recompute == "none"
+                and not block_graphs and self.can_overlap):
+            overlap_shared_experts(self.model)
+        if compiled:
             compile_blocks(self.model, "reduce-overhead" if block_graphs else None)
             self.graphed = block_graphs
 
