@@ -209,8 +209,9 @@ def test_shared_expert_overlap_on_cuda_equals_in_line_and_captures():
         (y * g).sum().backward()
         return [y, stats.load, stats.balance_loss, xi.grad, *(p.grad for p in moe.parameters())]
 
-    def run():
-        out = [t.clone() for t in step()]
+    def run():   # detached copies: a copy of y with its graph would keep the AccumulateGrad nodes of the default
+        # stream alive into the capture, and accumulating there would make the legacy stream wait on it
+        out = [t.detach().clone() for t in step()]
         moe.zero_grad(set_to_none=True)
         return out
 

@@ -39,7 +39,7 @@ def _compile_halves(moe: MoE) -> None:
     (gate, sort, gathers, grouped GEMMs, router statistics) and the shared experts compile as regions of their own.
     The gate's and the experts' gradients of the layer input still sum inside the routed region's backward.
     Never as CUDA graphs of torch's graph trees, which assume their graphs run one after another on one stream
-    (replayed on two streams at once, they corrupted each other's memory: a device-side assert in the first
-    step); the block's regions before and after the break keep the blocks' mode."""
+    (compiled so, the halves stopped the first step with a device-side assert on an H200); the block's regions
+    before and after the break keep the blocks' mode. The trainer overlaps only without per-block graphs."""
     moe.routed = torch.compile(moe.routed)
     moe.shared_experts.compile()
