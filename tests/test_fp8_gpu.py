@@ -80,7 +80,7 @@ def test_gemm_paths_match_emulation(M, K, N, counts, out_dtype):
     assert all(e < tol for e in errs.values()), f"relative errors {errs}, paths {chosen}"
     assert "emulated" not in chosen.values()   # every shape has a fast path: cuBLAS where it reads the scales, Triton
     if counts is not None and torch.cuda.get_device_capability() == (9, 0):   # the experts' Gluon kernel, unrefused
-        assert {v for k, v in chosen.items() if k[0] in ("fprop", "dgrad")} == {"gluon"}, chosen
+        assert set(chosen.values()) == {"gluon"}, chosen
 
 
 def test_fp8_model_trains_on_cuda():

@@ -200,27 +200,36 @@ from triton.runtime.jit import mangle_type
 from nanoseek.kernels import fp8_gemm_sm90 as k
 from nanoseek.kernels.fp8_quant import block_g
 G, M, Np, Kp = 4, 1000, 256, 640
-a = torch.zeros(M, Kp, dtype=torch.float8_e4m3fn)
-b = torch.zeros(G * Np, Kp, dtype=torch.float8_e4m3fn)
-pointers = dict(a_desc=k._descriptor(a, k.BLOCK_M), sa_ptr=torch.zeros(1), b_desc=k._descriptor(b, k.BLOCK_N),
-                sb_ptr=torch.zeros(1), c_ptr=torch.zeros(1, dtype=torch.bfloat16),
-                counts_ptr=torch.zeros(1, dtype=torch.int32))
-names = list(k._gemm_rows_kernel.arg_names)
+fp8 = dict(dtype=torch.float8_e4m3fn)
+if sys.argv[1] == "rows":   # Fprop / Dgrad: A (M, Kp), B (G·Np, Kp), one scale per B block
+    fn = k._gemm_rows_kernel
+    ops = dict(a_desc=k._descriptor(torch.zeros(M, Kp, **fp8), k.BLOCK_M), sa_ptr=torch.zeros(1),
+               b_desc=k._descriptor(torch.zeros(G * Np, Kp, **fp8), k.BLOCK_N), sb_ptr=torch.zeros(1))
+else:   # Wgrad: dyᵀ (Np, T·128), xᵀ (Kp, T·128), x's scales (T, Kp) per column through TMA
+    fn = k._gemm_tokens_kernel
+    ops = dict(a_desc=k._descriptor(torch.zeros(Np, 1024, **fp8), k.BLOCK_M), sa_ptr=torch.zeros(1),
+               b_desc=k._descriptor(torch.zeros(Kp, 1024, **fp8), k.BLOCK_N),
+               sb_desc=k.TensorDescriptor.from_tensor(torch.zeros(8, Kp), [1, k.BLOCK_N], k.SCALES_LAYOUT.value))
+ops.update(c_ptr=torch.zeros(1, dtype=torch.bfloat16), counts_ptr=torch.zeros(1, dtype=torch.int32))
+names = list(fn.arg_names)
 const = dict(BLOCK_G=block_g(G), STAGES=3, num_warps=k.NUM_WARPS)
-signature = {n: mangle_type(pointers[n]) if n in pointers else "constexpr" if n in const else "i32" for n in names}
-src = GluonASTSource(k._gemm_rows_kernel, signature, constexprs={(names.index(n),): v for n, v in const.items()})
+signature = {n: mangle_type(ops[n]) if n in ops else "constexpr" if n in const else "i32" for n in names}
+src = GluonASTSource(fn, signature, constexprs={(names.index(n),): v for n, v in const.items()})
 sys.stdout.write(triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=k.NUM_WARPS)).asm["ptx"])
 """
 
 
-def test_gluon_grouped_gemm_compiles_for_sm90_with_overlapped_products():
-    """The Gluon kernel (kernels/fp8_gemm_sm90.py) has no interpreter: compile it for sm90 here, where there is no
-    GPU (in a process without TRITON_INTERPRET, which would turn its helpers into interpreted functions), and check
-    the schedule that makes it fast in its PTX: FP8 wgmma, waits that leave the next block's product in flight
-    (`wait_group 1`) around the promotions, and none of the register copies of a product in flight that make ptxas
-    serialize the wgmmas. Its numbers are checked on the GPU (tests/test_fp8_gpu.py)."""
+@pytest.mark.parametrize("kernel", ["rows", "tokens"])
+def test_gluon_grouped_gemm_compiles_for_sm90_with_overlapped_products(kernel):
+    """The Gluon kernels (kernels/fp8_gemm_sm90.py: Fprop / Dgrad over rows, Wgrad over tokens) have no interpreter:
+    compile them for sm90 here, where there is no GPU (in a process without TRITON_INTERPRET, which would turn
+    their helpers into interpreted functions), and check the schedule that makes them fast in their PTX: FP8
+    wgmma, waits that leave the next block's product in flight (`wait_group 1`) around the promotions, and none of
+    the register copies of a product in flight that make ptxas serialize the wgmmas. Their numbers are checked on
+    the GPU (tests/test_fp8_gpu.py)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-c", _GLUON_PTX], env=env, capture_output=True, text=True, timeout=300)
+    run = subprocess.run([sys.executable, "-c", _GLUON_PTX, kernel], env=env, capture_output=True, text=True,
+                         timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     ptx = run.stdout
     assert "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3" in ptx

@@ -5,7 +5,7 @@ fp8/emulate.py (up to the GEMMs' summation order and the rounding of their outpu
 Each GEMM tries its paths in order (fp8/paths.py: a path that raises, or whose first result per shape disagrees
 with the emulation, falls back for that shape with a one-time warning):
     plain linear:  torch._scaled_mm (cuBLAS, 1×128 · 128×128 and 1×128 · 1×128 scales) → Triton → emulation
-    experts:       Gluon grouped GEMM (Fprop, Dgrad; sm90 only) → Triton grouped GEMM → a loop of torch._scaled_mm
+    experts:       Gluon grouped GEMM (sm90 only) → Triton grouped GEMM → a loop of torch._scaled_mm
                    over experts → emulation
 `torch._scaled_grouped_mm` is not used: on sm90 it takes tensor-wise or row-wise scales only, not V3's blocks.
 
@@ -123,9 +123,11 @@ def _tokens_gemm(dy_t: Tokens, x_t: Tokens, grouped: bool, out_dtype) -> torch.T
         return first_that_runs(key, [("scaled_mm", lambda: _scaled_mm_tokens(dy_t, x_t, out_dtype)),
                                      ("triton", lambda: fp8_gemm.gemm_tokens(dy_t, x_t, out_dtype)[0]),
                                      ("emulated", lambda: _emulated_tokens(dy_t, x_t, out_dtype)[0])])
-    return first_that_runs(key, [("triton", lambda: fp8_gemm.gemm_tokens(dy_t, x_t, out_dtype)),
-                                 ("scaled_mm loop", lambda: _scaled_mm_tokens_loop(dy_t, x_t, out_dtype)),
-                                 ("emulated", lambda: _emulated_tokens(dy_t, x_t, out_dtype))])
+    return first_that_runs(key, [
+        *([("gluon", lambda: fp8_gemm_sm90.gemm_tokens(dy_t, x_t, out_dtype))] if _sm90(dy_t.q) else []),
+        ("triton", lambda: fp8_gemm.gemm_tokens(dy_t, x_t, out_dtype)),
+        ("scaled_mm loop", lambda: _scaled_mm_tokens_loop(dy_t, x_t, out_dtype)),
+        ("emulated", lambda: _emulated_tokens(dy_t, x_t, out_dtype))])
 
 
 def _rows_gemm(op, a: Rows, b, b_scale, n, counts, out_dtype):
@@ -137,12 +139,16 @@ def _rows_gemm(op, a: Rows, b, b_scale, n, counts, out_dtype):
                                                   out_dtype)),
             ("emulated", lambda: _emulated_rows(a, b[None], b_scale[None], _one_group(a), n, out_dtype))])
     counts = counts.to(torch.int32)
-    sm90 = a.q.is_cuda and torch.cuda.get_device_capability(a.q.device) == (9, 0)
     return first_that_runs(key, [
-        *([("gluon", lambda: fp8_gemm_sm90.gemm_rows(a, b, b_scale, counts, n, out_dtype))] if sm90 else []),
+        *([("gluon", lambda: fp8_gemm_sm90.gemm_rows(a, b, b_scale, counts, n, out_dtype))] if _sm90(a.q) else []),
         ("triton", lambda: fp8_gemm.gemm_rows(a, b, b_scale, BLOCK, counts, n, out_dtype)),
         ("scaled_mm loop", lambda: _scaled_mm_rows_loop(a, b, b_scale, counts, n, out_dtype)),
         ("emulated", lambda: _emulated_rows(a, b, b_scale, counts, n, out_dtype))])
+
+
+def _sm90(t: torch.Tensor) -> bool:
+    """The Gluon kernels are written for Hopper (sm90) alone."""
+    return t.is_cuda and torch.cuda.get_device_capability(t.device) == (9, 0)
 
 
 def _one_group(a: Rows) -> torch.Tensor:
