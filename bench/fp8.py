@@ -1,6 +1,6 @@
 """FP8 training (DeepSeek-V3 §3.3) against BF16 on one GPU, in one run (issue #5):
 
-    python3 bench/fp8.py [--parts abc] [--steps 1000] [--compile | --graph]
+    python3 bench/fp8.py [--parts abc] [--steps 1000] [--compile | --graph] [--configs small,wide]
 
 (a) GEMM TFLOP/s, quantization included, for the linear layers of one training step of `small` and of a wider
     config (hidden 4096): FP8 (fp32 master weight, Fprop + Dgrad + Wgrad and every quantization) against bf16
@@ -341,7 +341,13 @@ def main():
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--compile", action="store_true", help="(b): compile both models' blocks, with CUDA graphs")
     ap.add_argument("--graph", action="store_true", help="(b): replay both models' whole steps as CUDA graphs")
+    ap.add_argument("--configs", default=",".join(CONFIGS), help="(a), (b): which of " + ", ".join(CONFIGS))
     args = ap.parse_args()
+    chosen = args.configs.split(",")
+    if set(chosen) - set(CONFIGS):
+        ap.error(f"--configs: unknown {sorted(set(chosen) - set(CONFIGS))}; choose from {', '.join(CONFIGS)}")
+    for cname in set(CONFIGS) - set(chosen):
+        del CONFIGS[cname]
     print(env(), flush=True)
     parts = {"a": ("fp8_gemm.json", part_a, ()), "b": ("fp8_train.json", part_b, (args.compile, args.graph)),
              "c": ("fp8_loss.json", part_c, (args.steps,))}
