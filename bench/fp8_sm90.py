@@ -66,7 +66,8 @@ def wgrad_gemms(M: int, N: int, K: int, counts: torch.Tensor) -> dict:
 
 # (a 128 × 256 tile, computing its two halves in turn for want of registers for two partial products, was
 # 0.95-1.25x slower than 128 × 128 on the wide shapes, 1.04-1.24x faster on small's down projection: removed)
-VARIANTS = {f"{rows} rows, {stages} stages": dict(block_m=rows, stages=stages) for rows in (128, 64) for stages in (3, 4)}
+VARIANTS = {f"{rows} rows, {stages} stages": dict(block_m=rows, stages=stages)
+            for rows in (128, 64) for stages in (3, 4)}
 
 
 def main():
