@@ -203,19 +203,22 @@ G, M, Np, Kp = 4, 1000, 256, 640
 fp8 = dict(dtype=torch.float8_e4m3fn)
 if sys.argv[1] == "rows":   # Fprop / Dgrad: A (M, Kp), B (G·Np, Kp), one scale per B block
     fn = k._gemm_rows_kernel
-    ops = dict(a_desc=k._descriptor(torch.zeros(M, Kp, **fp8), k.BLOCK_M), sa_ptr=torch.zeros(1),
+    rows = k.BLOCK_M
+    ops = dict(a_desc=k._descriptor(torch.zeros(M, Kp, **fp8), rows), sa_ptr=torch.zeros(1),
                b_desc=k._descriptor(torch.zeros(G * Np, Kp, **fp8), k.BLOCK_N), sb_ptr=torch.zeros(1))
 else:   # Wgrad: dyᵀ (Np, T·128), xᵀ (Kp, T·128), x's scales (T, Kp) per column through TMA
     fn = k._gemm_tokens_kernel
-    ops = dict(a_desc=k._descriptor(torch.zeros(Np, 1024, **fp8), k.BLOCK_M), sa_ptr=torch.zeros(1),
+    rows = k.WGRAD_BLOCK_M
+    ops = dict(a_desc=k._descriptor(torch.zeros(Np, 1024, **fp8), rows), sa_ptr=torch.zeros(1),
                b_desc=k._descriptor(torch.zeros(Kp, 1024, **fp8), k.BLOCK_N),
                sb_desc=k.TensorDescriptor.from_tensor(torch.zeros(8, Kp), [1, k.BLOCK_N], k.SCALES_LAYOUT.value))
 ops.update(c_ptr=torch.zeros(1, dtype=torch.bfloat16), counts_ptr=torch.zeros(1, dtype=torch.int32))
 names = list(fn.arg_names)
-const = dict(BLOCK_G=block_g(G), STAGES=3, num_warps=k.NUM_WARPS)
+const = dict(BLOCK_G=block_g(G), STAGES=3, num_warps=k.warps_for(rows))
 signature = {n: mangle_type(ops[n]) if n in ops else "constexpr" if n in const else "i32" for n in names}
 src = GluonASTSource(fn, signature, constexprs={(names.index(n),): v for n, v in const.items()})
-sys.stdout.write(triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=k.NUM_WARPS)).asm["ptx"])
+options = dict(num_warps=k.warps_for(rows))
+sys.stdout.write(triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"])
 """
 
 

@@ -21,8 +21,8 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from .fp8_quant import BLOCK, Rows, Tokens, block_g, cdiv
 
-BLOCK_M = BLOCK_N = 128
-NUM_WARPS = 8
+BLOCK_M = BLOCK_N = 128    # Fprop / Dgrad tiles
+WGRAD_BLOCK_M = 64         # Wgrad tiles: rows of dW (see gemm_tokens)
 SCALES_LAYOUT = gl.constexpr(gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2))   # TMA rows
 
 
@@ -244,6 +244,11 @@ def _mma_layout(BN, bits, num_warps):
     return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BN, 256 // bits])
 
 
+def warps_for(block_m: int) -> int:
+    """One warpgroup (4 warps) per 64 rows of a tile: each issues its own 64-row wgmma."""
+    return block_m // 16
+
+
 def _descriptor(t: torch.Tensor, rows: int) -> TensorDescriptor:
     layout = gl.NVMMASharedLayout.get_default_for([rows, BLOCK], gl.float8e4nv)
     return TensorDescriptor.from_tensor(t, [rows, BLOCK], layout)
@@ -265,11 +270,12 @@ def gemm_rows(a: Rows, b: torch.Tensor, b_scale: torch.Tensor, counts: torch.Ten
     _gemm_rows_kernel[grid](_descriptor(a.q, block_m), a.scale_inv, a.scale_inv.stride(0), a.scale_inv.stride(1),
                             _descriptor(b.view(G * Np, Kp), BLOCK_N), b_scale, b_scale.stride(0), b_scale.stride(1),
                             b_scale.stride(2), out, out.stride(0), counts, G, n, Np, Kp // BLOCK, n_blocks,
-                            BLOCK_G=block_g(G), STAGES=stages, num_warps=block_m // 16)
+                            BLOCK_G=block_g(G), STAGES=stages, num_warps=warps_for(block_m))
     return out
 
 
-def gemm_tokens(a: Tokens, b: Tokens, out_dtype: torch.dtype, stages: int = 4, block_m: int = 64) -> torch.Tensor:
+def gemm_tokens(a: Tokens, b: Tokens, out_dtype: torch.dtype, stages: int = 4, block_m: int = WGRAD_BLOCK_M
+                ) -> torch.Tensor:
     """`fp8_gemm.gemm_tokens`: dW_g = deq(a_g) · deq(b_g)ᵀ over the token tiles of group g -> (G, a.cols, b.cols).
 
     a: Tokens of dy (Np, T·128), b: Tokens of x (Kp, T·128), with the same counts. Tiles of 64 rows of dW (one
@@ -286,5 +292,5 @@ def gemm_tokens(a: Tokens, b: Tokens, out_dtype: torch.dtype, stages: int = 4, b
         _descriptor(a.q, block_m), a.scale_inv, a.scale_inv.stride(0), _descriptor(b.q, BLOCK_N),
         TensorDescriptor.from_tensor(b.scale_inv, [1, BLOCK_N], SCALES_LAYOUT.value), out, out.stride(0),
         out.stride(1), a.counts, G, a.cols, b.cols, Np, Kp, n_blocks, k_blocks, BLOCK_G=block_g(G), STAGES=stages,
-        num_warps=block_m // 16)
+        num_warps=warps_for(block_m))
     return out
