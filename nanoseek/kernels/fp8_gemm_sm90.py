@@ -8,8 +8,9 @@ takes P_kb · sa[:, kb] · sb[kb] (V3 §3.3.2's promotion, N_C = 128): sb[kb] is
 and Dgrad, and in Wgrad, where K is the tokens, a row of scales, one per output column (the 128×1 token tiles of x).
 To keep the tensor cores busy through each promotion, the product of block kb+1 is issued (asynchronous wgmma)
 before block kb's is waited for and scaled, so two partial products live in registers; TMA loads run STAGES blocks
-ahead through a ring of mbarriers. Tiles are 128 × 128 (two warpgroups of 64 rows), ordered so that the CTAs that
-run together share one tile of A and one expert's B (Wgrad: one group's xᵀ) in L2.
+ahead through a ring of mbarriers. Tiles are BM × 128, one warpgroup per 64 rows (BM: Fprop / Dgrad 128, Wgrad
+64), ordered so that the CTAs that run together share one tile of A and one expert's B (Wgrad: one group's xᵀ) in
+L2.
 """
 from __future__ import annotations
 
@@ -130,7 +131,7 @@ def _promote(acc, p, scales, sb_smem, COLS: gl.constexpr, STAGES: gl.constexpr):
 @gluon.jit
 def _mainloop(a_desc, b_desc, a_row, b_row, k0, Kt, sa_ptrs, sa_ok, stride_sak, sb_src, stride_sbk, acc,
               COLS: gl.constexpr, STAGES: gl.constexpr):
-    """Σ_kb (A_kb · B_kbᵀ) · scales of blocks k0 .. k0 + Kt - 1 (Kt ≥ 1) of the 128 × 128 tile whose A rows start at
+    """Σ_kb (A_kb · B_kbᵀ) · scales of blocks k0 .. k0 + Kt - 1 (Kt ≥ 1) of the BM × BN tile whose A rows start at
     a_row and B rows at b_row. sb_src: B's per-block scales (pointer, stride_sbk apart) or with COLS a descriptor
     of the per-column ones. Block kb+1's product runs while block kb's is promoted (two partial products, P and Q,
     alternate: the loop is unrolled by two so that no register copy touches a product in flight)."""
@@ -183,7 +184,7 @@ def _mainloop(a_desc, b_desc, a_row, b_row, k0, Kt, sa_ptrs, sa_ok, stride_sak, 
 def _gemm_rows_kernel(a_desc, sa_ptr, stride_sam, stride_sak, b_desc, sb_ptr, stride_sbg, stride_sbn, stride_sbk,
                       c_ptr, stride_cm, counts_ptr, G, N, Np, Kt, n_blocks,
                       BLOCK_G: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr):
-    """Fprop / Dgrad: 128 × 128 tiles of rows grouped by expert, each times its expert's B (one scale per block)."""
+    """Fprop / Dgrad: BM × 128 tiles of rows grouped by expert, each times its expert's B (one scale per block)."""
     BM: gl.constexpr = a_desc.block_type.shape[0]
     BN: gl.constexpr = b_desc.block_type.shape[0]
     pid = gl.program_id(0)
@@ -206,7 +207,7 @@ def _gemm_rows_kernel(a_desc, sa_ptr, stride_sam, stride_sak, b_desc, sb_ptr, st
 def _gemm_tokens_kernel(a_desc, sa_ptr, stride_sat, b_desc, sb_desc, c_ptr, stride_cg, stride_cn,
                         counts_ptr, G, N, K, Np, Kp, n_blocks, k_blocks,
                         BLOCK_G: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr):
-    """Wgrad: dW_g (N, K) = Σ over group g's token tiles of dyᵀ_t · (xᵀ_t)ᵀ, 128 × 128 output tiles taken K-fastest
+    """Wgrad: dW_g (N, K) = Σ over group g's token tiles of dyᵀ_t · (xᵀ_t)ᵀ, BM × 128 output tiles taken K-fastest
     (the CTAs that run together share a tile of dyᵀ and the group's xᵀ in L2). A group without tokens writes 0."""
     BM: gl.constexpr = a_desc.block_type.shape[0]
     BN: gl.constexpr = b_desc.block_type.shape[0]
