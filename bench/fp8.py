@@ -1,6 +1,6 @@
 """FP8 training (DeepSeek-V3 §3.3) against BF16 on one GPU, in one run (issue #5):
 
-    python3 bench/fp8.py [--parts abc] [--steps 1000] [--compile | --graph] [--configs small,wide]
+    python3 bench/fp8.py [--parts abc] [--steps 1000] [--compile | --graph] [--configs small,wide] [--unfolded]
 
 (a) GEMM TFLOP/s, quantization included, for the linear layers of one training step of `small` and of a wider
     config (hidden 4096): FP8 (fp32 master weight, Fprop + Dgrad + Wgrad and every quantization) against bf16
@@ -38,7 +38,11 @@ from nanoseek.fp8.linear import FP8Matmul  # noqa: E402
 from nanoseek.info import count  # noqa: E402
 from nanoseek.train.compile import compile_blocks as compile_model  # noqa: E402
 from nanoseek.kernels import grouped_mm  # noqa: E402
+from nanoseek.fp8.experts import FP8Experts  # noqa: E402
 from nanoseek.model import DeepSeekV3  # noqa: E402
+from nanoseek.model.moe import Experts  # noqa: E402
+
+_FOLDED = FP8Experts.forward_permuted
 
 # the training shapes: `small` at DESIGN.md §4's batch, and a wider model whose GEMMs are hidden 4096
 CONFIGS = {
@@ -192,15 +196,18 @@ def train_step_fn(model, opt, x, y):
     return step
 
 
-def part_b(results, compile_blocks=False, graph=False, iters=8):
+def part_b(results, compile_blocks=False, graph=False, iters=8, unfolded=False):
+    """unfolded: also FP8 with the experts' dispatch and combine as ops of their own (Experts.forward_permuted),
+    as before they were folded into the GEMMs' quantization."""
     for cname, (cfg, B, T) in CONFIGS.items():
         g = torch.Generator(device="cuda").manual_seed(0)
         ids = torch.randint(0, cfg.vocab_size, (B, T + 1), device="cuda", generator=g)
         x, y = ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
         n_act = count(cfg)["activated"]
         runs = {}
-        for label, fp8 in (("bf16", False), ("fp8", True)):
+        for label, fp8 in (("bf16", False), ("fp8", True)) + ((("fp8-unfolded", True),) if unfolded else ()):
             torch._dynamo.reset()
+            FP8Experts.forward_permuted = Experts.forward_permuted if label == "fp8-unfolded" else _FOLDED
             model = build(cfg, fp8)
             if compile_blocks:
                 compile_model(model, "reduce-overhead")
@@ -223,11 +230,13 @@ def part_b(results, compile_blocks=False, graph=False, iters=8):
             torch.cuda.empty_cache()
         speedup = runs["fp8"]["tokens_per_s"] / runs["bf16"]["tokens_per_s"]
         print(f"\n(b) {cname}: training step, batch {B}x{T}, {n_act / 1e6:.0f}M activated parameters")
-        print(f"{'run':6s} {'ms/step':>9s} {'tokens/s':>10s} {'6N TFLOP/s':>10s} {'peak GiB':>9s} {'first loss':>10s}")
+        print(f"{'run':12s} {'ms/step':>9s} {'tokens/s':>10s} {'6N TFLOP/s':>10s} {'peak GiB':>9s} {'first loss':>10s}")
         for label, r in runs.items():
-            print(f"{label:6s} {r['ms']:9.1f} {r['tokens_per_s']:10.0f} {r['model_tflops']:10.0f} "
+            print(f"{label:12s} {r['ms']:9.1f} {r['tokens_per_s']:10.0f} {r['model_tflops']:10.0f} "
                   f"{r['peak_gib']:9.1f} {r['first_loss']:10.4f}")
         print(f"FP8 / BF16 tokens/s: {speedup:.2f}x (target >= 1.2x at wide)")
+        if unfolded:
+            print(f"FP8, permutations folded / unfolded: {runs['fp8-unfolded']['ms'] / runs['fp8']['ms']:.3f}x")
         results[cname] = {"batch": B, "seq": T, "activated_params": n_act, "runs": runs, "speedup": speedup,
                           "compiled": compile_blocks, "whole_step_graph": graph}
 
@@ -342,6 +351,7 @@ def main():
     ap.add_argument("--compile", action="store_true", help="(b): compile both models' blocks, with CUDA graphs")
     ap.add_argument("--graph", action="store_true", help="(b): replay both models' whole steps as CUDA graphs")
     ap.add_argument("--configs", default=",".join(CONFIGS), help="(a), (b): which of " + ", ".join(CONFIGS))
+    ap.add_argument("--unfolded", action="store_true", help="(b): also FP8 with the MoE permutations unfolded")
     args = ap.parse_args()
     chosen = args.configs.split(",")
     if set(chosen) - set(CONFIGS):
@@ -349,7 +359,7 @@ def main():
     for cname in set(CONFIGS) - set(chosen):
         del CONFIGS[cname]
     print(env(), flush=True)
-    parts = {"a": ("fp8_gemm.json", part_a, ()), "b": ("fp8_train.json", part_b, (args.compile, args.graph)),
+    parts = {"a": ("fp8_gemm.json", part_a, ()), "b": ("fp8_train.json", part_b, (args.compile, args.graph, 8, args.unfolded)),
              "c": ("fp8_loss.json", part_c, (args.steps,))}
     summary = {}
     for p in args.parts:

@@ -45,6 +45,12 @@ def test_triton_quantization_is_bit_exact():
         bad += differ(tokens.q[:200, tile * 128: tile * 128 + c], qg, f"tokens q, group {g}")
         bad += differ(tokens.scale_inv[tile: tile + n, :200].t(), sg, f"tokens scale_inv, group {g}")
         tile += n
+    # the rows gathered on load (the MoE dispatch): the same as quantizing a gathered copy
+    index = torch.randperm(300, device="cuda")
+    got = fp8_quant.act_quant(x[:100], counts, tokens=True, index=index, k=3)
+    want = fp8_quant.act_quant(x[:100][index // 3], counts, tokens=True)
+    bad += differ(got[0].q, want[0].q, "gathered rows q") + differ(got[0].scale_inv, want[0].scale_inv, "its scales")
+    bad += differ(got[1].q[:, :tile * 128], want[1].q[:, :tile * 128], "gathered tokens q")
     w = torch.randn(3, 300, 130, device="cuda")
     b = fp8_quant.weight_quant(w)
     for g in range(3):

@@ -100,6 +100,24 @@ def test_zero_tiles_quantize_to_zero():
     assert (b.q[0, :128, :128].float() == 0).all() and (b.q[1].float() == 0).all()
 
 
+@pytest.mark.parametrize("k", [1, 3])
+def test_act_quant_gathers_rows_as_it_loads_them(k):
+    """With index, the kernel quantizes the rows x[index // k] (the MoE dispatch, fp8/linear.py): the same bytes
+    and scales, both layouts, as quantizing a gathered copy."""
+    g = torch.Generator().manual_seed(0)
+    counts = torch.tensor(COUNTS)
+    index = torch.randperm(sum(COUNTS), generator=g)
+    x = torch.randn(sum(COUNTS) // k + 1, 200, generator=g) * torch.logspace(-3, 2, sum(COUNTS) // k + 1)[:, None]
+    got = fp8_quant.act_quant(x, counts, tokens=True, index=index, k=k)
+    want = fp8_quant.act_quant(x[index // k], counts, tokens=True)
+    tiles = 2 + 0 + 1 + 2   # the real token tiles of COUNTS (the rest is never written)
+    for a, b in zip(got, want):
+        if isinstance(a, fp8_quant.Tokens):
+            a, b = (a.q[:, : tiles * 128], a.scale_inv[:tiles]), (b.q[:, : tiles * 128], b.scale_inv[:tiles])
+        assert all(torch.equal(_bits(u) if u.dtype == torch.float8_e4m3fn else u,
+                               _bits(v) if v.dtype == torch.float8_e4m3fn else v) for u, v in zip(a[:2], b[:2]))
+
+
 @pytest.mark.parametrize("tma", [False, True])
 @pytest.mark.parametrize("counts", [[300], [170, 0, 1, 129]])
 def test_triton_gemms_match_emulation_on_the_same_operands(counts, tma):

@@ -28,8 +28,12 @@ class EmulatedFP8:
     name = "emulated"
     traceable = False   # splits rows by counts on the host; traced, inductor's CPU codegen failed on it (2.13)
 
-    def quant_act(self, x: torch.Tensor, counts: torch.Tensor | None, transposed: bool):
-        """x (M, K) -> (1×128 along K for Fprop/Dgrad, per-group 1×128 along tokens for Wgrad or None)."""
+    def quant_act(self, x: torch.Tensor, counts: torch.Tensor | None, transposed: bool,
+                  index: torch.Tensor | None = None, k: int = 1):
+        """x (M, K) -> (1×128 along K for Fprop/Dgrad, per-group 1×128 along tokens for Wgrad or None); with
+        index, of the rows x[index // k]."""
+        if index is not None:
+            x = x[index // k]
         rows = Quantized(*act_quant(x))
         cols = [Quantized(*t) for t in act_quant_t(x, _split(counts))] if transposed else None
         return rows, cols

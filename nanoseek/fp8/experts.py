@@ -1,7 +1,7 @@
 """Routed experts with FP8 grouped GEMMs: the two grouped GEMMs of `Experts.forward_sorted` (gate_up, down) run
 through `fp8_matmul` with rows grouped by expert, so Fprop, Dgrad and Wgrad of every expert are FP8 GEMMs
-(Triton grouped kernels on CUDA, kernels/fp8_gemm.py; exact emulation elsewhere). Routing, permutation and the
-weighted combine are Experts' own, unchanged.
+(Gluon / Triton grouped kernels on CUDA, kernels/fp8_gemm*.py; exact emulation elsewhere). Routing is Experts'
+own; the dispatch and combine permutations are folded into the two GEMMs (`forward_permuted`).
 
 `to_fp8_experts` converts any Experts module in place, a subclass too: expert parallelism's EPExperts keeps its
 all-to-all forward and runs its local experts' GEMMs in FP8.
@@ -26,6 +26,13 @@ class FP8Experts(Experts):
         """x (M, H) grouped by local expert (counts[e] rows for expert e, in order) -> (M, H), as Experts'."""
         h = swiglu(fp8_matmul(x, self.gate_up_proj, counts, self.emulate), scale)
         return fp8_matmul(h, self.down_proj, counts, self.emulate)
+
+    def forward_permuted(self, x: torch.Tensor, perm: tuple, counts: torch.Tensor, g_sorted: torch.Tensor):
+        """Experts.forward_permuted with the dispatch gather done by gate_up's quantization and the combine inside
+        the down projection, whose backward gathers dy as it quantizes it (fp8/linear.py): the same numbers,
+        two bf16 copies of the (N·K, H) rows fewer each way."""
+        h = swiglu(fp8_matmul(x, self.gate_up_proj, counts, self.emulate, dispatch=perm), g_sorted)
+        return fp8_matmul(h, self.down_proj, counts, self.emulate, combine=perm)
 
     def extra_repr(self) -> str:
         return f"n_experts={self.n_experts}, emulate={self.emulate}"

@@ -35,10 +35,13 @@ class HopperFP8:
     name = "hopper"
     traceable = True
 
-    def quant_act(self, x: torch.Tensor, counts: torch.Tensor | None, transposed: bool):
-        counts = (torch.full((1,), x.shape[0], dtype=torch.int32, device=x.device) if counts is None
+    def quant_act(self, x: torch.Tensor, counts: torch.Tensor | None, transposed: bool,
+                  index: torch.Tensor | None = None, k: int = 1):
+        """The operand x, or x[index // k] gathered as it is quantized (kernels/fp8_quant.py)."""
+        rows = x.shape[0] if index is None else index.numel()
+        counts = (torch.full((1,), rows, dtype=torch.int32, device=x.device) if counts is None
                   else counts.to(torch.int32))
-        q, s, qt, st = torch.ops.nanoseek.fp8_act_quant(x, counts, transposed)
+        q, s, qt, st = torch.ops.nanoseek.fp8_act_quant(x, counts, transposed, index, k)
         return Rows(q, s, x.shape[1]), (Tokens(qt, st, x.shape[1], counts) if transposed else None)
 
     def quant_weight(self, w: torch.Tensor) -> Blocks:
@@ -67,16 +70,17 @@ class HopperFP8:
 
 # ---- the custom ops: real kernels, and fake ones that give torch.compile the output shapes and strides ----------
 @torch.library.custom_op("nanoseek::fp8_act_quant", mutates_args=())
-def _act_quant_op(x: torch.Tensor, counts: torch.Tensor, tokens: bool) -> tuple[torch.Tensor, torch.Tensor,
-                                                                                 torch.Tensor, torch.Tensor]:
-    rows, t = fp8_quant.act_quant(x, counts, tokens)
+def _act_quant_op(x: torch.Tensor, counts: torch.Tensor, tokens: bool, index: Optional[torch.Tensor], k: int
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    rows, t = fp8_quant.act_quant(x, counts, tokens, index, k)
     empty = fp8_quant.act_buffers(0, x.shape[1], 1, False, x.device)[2:]   # what an unused token operand is
     return (rows.q, rows.scale_inv, *((t.q, t.scale_inv) if tokens else empty))
 
 
 @_act_quant_op.register_fake
-def _(x, counts, tokens):
-    return fp8_quant.act_buffers(x.shape[0], x.shape[1], counts.numel(), tokens, x.device)
+def _(x, counts, tokens, index, k):
+    rows = x.shape[0] if index is None else index.numel()
+    return fp8_quant.act_buffers(rows, x.shape[1], counts.numel(), tokens, x.device)
 
 
 @torch.library.custom_op("nanoseek::fp8_weight_quant", mutates_args=())

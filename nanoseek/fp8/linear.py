@@ -23,23 +23,34 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from ..kernels import moe_rows
 from .emulate import EmulatedFP8
 
 
 class FP8Matmul(torch.autograd.Function):
-    """y = x Wᵀ with rows of x grouped by counts (weight (G, N, K)), or plain (counts None, weight (N, K))."""
+    """y = x Wᵀ with rows of x grouped by counts (weight (G, N, K)), or plain (counts None, weight (N, K)).
+
+    The MoE's row permutations can be folded in (order, inverse, k as in model/moe.py's gather_rows): `dispatch`
+    takes x in token order and multiplies the rows x[order[j] // k], gathered by the quantization kernel as it
+    reads them, so no bf16 copy of the tokens in expert order is written and read back; `combine` sums each
+    token's k output rows, and its backward gathers dy's rows the same way."""
 
     @staticmethod
-    def forward(ctx, x, weight, counts, backend, out_dtype, grad_enabled=True):
+    def forward(ctx, x, weight, counts, backend, out_dtype, grad_enabled=True, permute=None, order=None,
+                inverse=None, k=1):
         # needs_input_grad ignores no_grad mode: grad_enabled (the caller's mode) saves the backward's copies
         need_dx, need_dw = ctx.needs_input_grad[:2] if grad_enabled else (False, False)
         with torch.autocast(x.device.type, enabled=False):   # the GEMMs' dtypes are the recipe's, not autocast's
-            x_rows, x_t = backend.quant_act(x, counts, transposed=need_dw)
+            x_rows, x_t = backend.quant_act(x, counts, need_dw, *((order, k) if permute == "dispatch" else ()))
             w = backend.quant_weight(weight)
             y = backend.fprop(x_rows, w, counts, out_dtype)
+            if permute == "combine":
+                y = moe_rows.permute_rows(y, inverse, k, True)
+        ctx.permute, ctx.k = permute, k
         # the FP8 operands made here are saved, not x and W: through save_for_backward (what torch.compile
         # traces), the tensors of the backend's structures flattened and the rest kept on ctx
-        leaves, ctx.spec = tree_flatten((counts, backend.for_dgrad(w) if need_dx else None, x_t))
+        leaves, ctx.spec = tree_flatten((counts, backend.for_dgrad(w) if need_dx else None, x_t,
+                                         (order, inverse) if permute else None))
         ctx.is_tensor = [isinstance(v, torch.Tensor) for v in leaves]
         ctx.others = [v for v in leaves if not isinstance(v, torch.Tensor)]
         ctx.save_for_backward(*[v for v in leaves if isinstance(v, torch.Tensor)])
@@ -50,30 +61,43 @@ class FP8Matmul(torch.autograd.Function):
     def backward(ctx, dy):
         need_dx, need_dw = ctx.needs_input_grad[:2]
         tensors, others = iter(ctx.saved_tensors), iter(ctx.others)
-        counts, w, x_t = tree_unflatten([next(tensors) if t else next(others) for t in ctx.is_tensor], ctx.spec)
+        counts, w, x_t, perm = tree_unflatten([next(tensors) if t else next(others) for t in ctx.is_tensor],
+                                              ctx.spec)
         backend = ctx.backend
-        dy_rows, dy_t = backend.quant_act(dy, counts, transposed=need_dw)
+        dy_rows, dy_t = backend.quant_act(dy, counts, need_dw, *((perm[0], ctx.k) if ctx.permute == "combine"
+                                                                 else ()))
         dx = backend.dgrad(dy_rows, w, counts, ctx.x_dtype) if need_dx else None
+        if dx is not None and ctx.permute == "dispatch":
+            dx = moe_rows.permute_rows(dx, perm[1], ctx.k, True)
         dw = backend.wgrad(dy_t, x_t, counts, ctx.w_dtype) if need_dw else None
-        return dx, dw, None, None, None, None
+        return dx, dw, None, None, None, None, None, None, None, None
 
 
 def fp8_matmul(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor | None = None,
-               emulate: bool | None = None) -> torch.Tensor:
+               emulate: bool | None = None, dispatch: tuple | None = None, combine: tuple | None = None
+               ) -> torch.Tensor:
     """x (..., K) · Wᵀ in FP8 -> (..., N), in autocast's dtype when autocast is on (as F.linear), else x's.
     counts: (G,) rows of x per group for a stacked weight (G, N, K).
+    dispatch = (order, inverse, k): x (T, K) is in token order and the rows multiplied are x[order[j] // k]
+    (= gather_rows(x, order, inverse, k)); combine = (order, inverse, k): the output (T·k, N) is summed per token
+    (= combine_rows(y, inverse, order, k)). See FP8Matmul.
 
     The GPU kernels are custom ops that torch.compile traces into the caller's graph; the emulation runs eagerly
     (a graph break), as it splits rows by counts on the host."""
+    if dispatch is not None and combine is not None:
+        raise ValueError("fp8_matmul: pass dispatch or combine, not both")
     backend = backend_for(x.device, emulate)
-    return (_matmul if backend.traceable else _eager_matmul)(x, weight, counts, backend)
+    permute, (order, inverse, k) = (("dispatch", dispatch) if dispatch is not None else
+                                    ("combine", combine) if combine is not None else (None, (None, None, 1)))
+    return (_matmul if backend.traceable else _eager_matmul)(x, weight, counts, backend, permute, order, inverse, k)
 
 
-def _matmul(x, weight, counts, backend):
+def _matmul(x, weight, counts, backend, permute, order, inverse, k):
     dev = x.device.type
     out_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-    y = FP8Matmul.apply(x.reshape(-1, x.shape[-1]), weight, counts, backend, out_dtype, torch.is_grad_enabled())
-    return y.view(*x.shape[:-1], y.shape[-1])
+    y = FP8Matmul.apply(x.reshape(-1, x.shape[-1]), weight, counts, backend, out_dtype, torch.is_grad_enabled(),
+                        permute, order, inverse, k)
+    return y if permute else y.view(*x.shape[:-1], y.shape[-1])
 
 
 _eager_matmul = torch.compiler.disable(_matmul)

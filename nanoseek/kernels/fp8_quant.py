@@ -16,7 +16,9 @@ only the token tiles, whose one store per tile is transposed and bit-exact on th
     rows   1×128 tiles along K (Fprop's x, Dgrad's dy):  q (M, Kp), scale_inv (M, Kt) column-major;
     tokens 128×1 tiles along M, transposed (Wgrad's xᵀ, dyᵀ): q (Kp, T·128), scale_inv (T, Kp) row-major.
   Rows may be grouped (MoE: counts[g] rows per expert): token tiles then restart at each group's first row and
-  group g owns the 128-column slices [tile_start_g, tile_end_g) of the transposed output.
+  group g owns the 128-column slices [tile_start_g, tile_end_g) of the transposed output. Given `index`, the
+  rows are gathered as they are loaded, row j being x[index[j] // k]: the MoE dispatch (and its adjoint's
+  backward) quantizes the tokens in expert order without writing and reading back a bf16 copy of them.
 * `weight_quant`: 128×128 blocks of W (N, K) or stacked (G, N, K), returned both ways round (W for Fprop, Wᵀ for
   Dgrad: a 128×128 block quantization of Wᵀ is the transpose of W's, so one quantization gives both).
 """
@@ -86,10 +88,10 @@ def group_tile(counts_ptr, G, pid, BLOCK_ROWS: tl.constexpr, BLOCK_G: tl.constex
 
 
 @triton.jit
-def _act_quant_kernel(x_ptr, stride_xm, stride_xk, K, counts_ptr, G,
+def _act_quant_kernel(x_ptr, stride_xm, stride_xk, K, counts_ptr, G, index_ptr, k,
                       q_ptr, stride_qm, s_ptr, stride_sm, stride_sk,
                       qt_ptr, stride_qtk, st_ptr, stride_stt,
-                      TOKENS: tl.constexpr, BLOCK_G: tl.constexpr):
+                      TOKENS: tl.constexpr, GATHER: tl.constexpr, BLOCK_G: tl.constexpr):
     pid_t = tl.program_id(0)
     pid_k = tl.program_id(1)
     g, start, end = group_tile(counts_ptr, G, pid_t, 128, BLOCK_G)
@@ -99,7 +101,10 @@ def _act_quant_kernel(x_ptr, stride_xm, stride_xk, K, counts_ptr, G,
     rows = (start + r).to(tl.int64)
     cols = pid_k * 128 + r
     row_ok = rows < end
-    x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
+    src = rows
+    if GATHER:
+        src = (tl.load(index_ptr + rows, mask=row_ok, other=0) // k).to(tl.int64)
+    x = tl.load(x_ptr + src[:, None] * stride_xm + cols[None, :] * stride_xk,
                 mask=row_ok[:, None] & (cols[None, :] < K), other=0.0).to(tl.float32)
     ax = tl.abs(x)
     # 1×128 along K: one scale per row of the tile
@@ -157,18 +162,21 @@ def act_buffers(M: int, K: int, groups: int, tokens: bool, device) -> tuple[torc
             torch.empty(T, Kp, dtype=torch.float32, device=device))
 
 
-def act_quant(x: torch.Tensor, counts: torch.Tensor | None = None, tokens: bool = False):
-    """x (M, K) -> (Rows, Tokens or None). counts: (G,) rows per group (None: one group of M)."""
-    M, K = x.shape
+def act_quant(x: torch.Tensor, counts: torch.Tensor | None = None, tokens: bool = False,
+              index: torch.Tensor | None = None, k: int = 1):
+    """x (M, K) -> (Rows, Tokens or None). counts: (G,) rows per group (None: one group of M). With index (M',),
+    the operand is x[index // k] (M' rows), gathered on load."""
+    M, K = (x.shape[0] if index is None else index.numel()), x.shape[1]
     counts = (torch.full((1,), M, dtype=torch.int32, device=x.device) if counts is None
               else counts.to(torch.int32))
     G = counts.numel()
     q, s, qt, st = act_buffers(M, K, G, tokens, x.device)
     if M:
         _act_quant_kernel[(token_tiles(M, G), cdiv(K, BLOCK))](
-            x, x.stride(0), x.stride(1), K, counts, G, q, q.stride(0), s, s.stride(0), s.stride(1),
+            x, x.stride(0), x.stride(1), K, counts, G, index, k, q, q.stride(0), s, s.stride(0), s.stride(1),
             *((qt, qt.stride(0), st, st.stride(0)) if tokens else (None, 0, None, 0)),   # unused: null pointers
-            TOKENS=tokens, BLOCK_G=block_g(G), num_warps=4 if tokens else 8)   # the faster of 4, 8, 16 (H200)
+            TOKENS=tokens, GATHER=index is not None, BLOCK_G=block_g(G),
+            num_warps=4 if tokens else 8)   # the faster of 4, 8, 16 (H200)
     return Rows(q, s, K), (Tokens(qt, st, K, counts) if tokens else None)
 
 

@@ -139,10 +139,16 @@ class Experts(nn.Module):
         """
         N, K = indices.shape
         order, inverse, counts = sort_by_expert(indices.flatten() - self.expert_offset, self.n_experts)
-        x_sorted = gather_rows(x, order, inverse, K)                 # token order[j] // K for sorted row j
         g_sorted = gather_rows(weights.reshape(-1, 1), order, inverse)[:, 0]   # each sorted row's g_k
-        # Σ over each token's K rows, each already weighted by its g_k
-        return combine_rows(self.forward_sorted(x_sorted, counts, g_sorted), inverse, order, K)
+        return self.forward_permuted(x, (order, inverse, K), counts, g_sorted)
+
+    def forward_permuted(self, x: torch.Tensor, perm: tuple, counts: torch.Tensor, g_sorted: torch.Tensor):
+        """x (N, H) in token order, perm = (order, inverse, K) from sort_by_expert -> Σ_k g_k FFN_{i_k}(x) (N, H):
+        sorted row j is token order[j] // K, and each token's K rows, each already weighted by its g_k, are
+        summed. (FP8Experts folds the two permutations into its GEMMs' quantization.)"""
+        order, inverse, K = perm
+        return combine_rows(self.forward_sorted(gather_rows(x, order, inverse, K), counts, g_sorted),
+                            inverse, order, K)
 
 
 def sort_by_expert(flat: torch.Tensor, n_experts: int):
