@@ -16,6 +16,7 @@ from typing import NamedTuple
 
 import torch
 
+from ..kernels.moe_rows import gather_rows_reference
 from .quant import act_dequant, act_quant, act_quant_t, weight_dequant, weight_quant
 
 
@@ -33,7 +34,7 @@ class EmulatedFP8:
         """x (M, K) -> (1×128 along K for Fprop/Dgrad, per-group 1×128 along tokens for Wgrad or None); with
         index, of the rows x[index // k]."""
         if index is not None:
-            x = x[index // k]
+            x = gather_rows_reference(x, index, k)
         rows = Quantized(*act_quant(x))
         cols = [Quantized(*t) for t in act_quant_t(x, _split(counts))] if transposed else None
         return rows, cols

@@ -87,8 +87,8 @@ def fp8_matmul(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor | Non
     if dispatch is not None and combine is not None:
         raise ValueError("fp8_matmul: pass dispatch or combine, not both")
     backend = backend_for(x.device, emulate)
-    permute, (order, inverse, k) = (("dispatch", dispatch) if dispatch is not None else
-                                    ("combine", combine) if combine is not None else (None, (None, None, 1)))
+    permute = "dispatch" if dispatch is not None else "combine" if combine is not None else None
+    order, inverse, k = dispatch or combine or (None, None, 1)
     return (_matmul if backend.traceable else _eager_matmul)(x, weight, counts, backend, permute, order, inverse, k)
 
 
