@@ -1,9 +1,13 @@
 """Shared bench helpers: CUDA-event timing, CUDA-graph capture of a training step, the measured bf16 GEMM / copy
 ceilings, environment line."""
+import contextlib
 import json
 import os
+import shutil
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -87,6 +91,52 @@ def graphed_step_fn(model, opt, x, y, doc_ids=None):
         opt.step()
         return loss
     return capture(step, warmup=3, before=lambda: opt.zero_grad(set_to_none=True)).replay
+
+
+# clocks_event_reasons bits (nvidia-smi --help-query-gpu): why the SM clock is below its maximum
+POWER_CAP, THERMAL = 0x4 | 0x80, 0x20 | 0x40
+
+
+@contextlib.contextmanager
+def gpu_clocks(every_ms: int = 50):
+    """Samples the GPU's SM clock and power draw with nvidia-smi while the block runs. Yields a dict that gets
+    mean_sm_mhz, min_sm_mhz, mean_w, max_w and capped (the share of samples with a power-cap slowdown active).
+    The H200 here draws up to its 700 W limit in a training step and lowers its clock to stay under it, so step
+    times depend on how long it ran flat out before (BENCHMARKS.md); the dict stays empty without nvidia-smi."""
+    stats: dict = {}
+    if shutil.which("nvidia-smi") is None:
+        yield stats
+        return
+    index = torch.cuda.current_device()
+    with tempfile.TemporaryFile("w+") as log:
+        proc = subprocess.Popen(["nvidia-smi", f"--id={index}", "--query-gpu=clocks.sm,power.draw,"
+                                 "clocks_event_reasons.active", "--format=csv,noheader,nounits", f"-lms={every_ms}"],
+                                stdout=log, stderr=subprocess.DEVNULL)
+        try:
+            yield stats
+        finally:
+            proc.terminate()
+            proc.wait()
+            log.seek(0)
+            rows = []
+            for line in log:
+                try:
+                    mhz, watts, reasons = (f.strip() for f in line.split(","))
+                    rows.append((float(mhz), float(watts), int(reasons, 16)))
+                except ValueError:   # a header, or N/A where the board does not report a field
+                    continue
+            if rows:
+                stats.update(mean_sm_mhz=statistics.mean(r[0] for r in rows), min_sm_mhz=min(r[0] for r in rows),
+                             mean_w=statistics.mean(r[1] for r in rows), max_w=max(r[1] for r in rows),
+                             capped=sum(bool(r[2] & POWER_CAP) for r in rows) / len(rows),
+                             thermal=sum(bool(r[2] & THERMAL) for r in rows) / len(rows), samples=len(rows))
+
+
+def clocks_text(stats: dict) -> str:
+    if not stats:
+        return "-"
+    return (f"{stats['mean_sm_mhz']:.0f} MHz (min {stats['min_sm_mhz']:.0f}), {stats['mean_w']:.0f} W "
+            f"(max {stats['max_w']:.0f}), power-capped {100 * stats['capped']:.0f}%")
 
 
 def env() -> dict:

@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import capture, cuda_time_ms, env, graphed_step_fn, median  # noqa: E402
+from bench.common import (capture, clocks_text, cuda_time_ms, env, gpu_clocks, graphed_step_fn,  # noqa: E402
+                          median)
 from nanoseek.config import preset  # noqa: E402
 from nanoseek.fp8 import convert_to_fp8, hopper, paths  # noqa: E402
 from nanoseek.fp8.emulate import EmulatedFP8  # noqa: E402
@@ -221,10 +222,12 @@ def part_b(results, compile_blocks=False, graph=False, iters=8, unfolded=False):
             else:
                 opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
                 step = train_step_fn(model, opt, x, y)
-            ms = median(cuda_time_ms(step, 3, iters))
+            cuda_time_ms(step, 3, 0)
+            with gpu_clocks() as clocks:
+                ms = median(cuda_time_ms(step, 0, iters))
             runs[label] = {"ms": ms, "tokens_per_s": B * T / ms * 1e3, "first_loss": loss0,
                            "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
-                           "model_tflops": 6 * n_act * B * T / ms / 1e9}
+                           "model_tflops": 6 * n_act * B * T / ms / 1e9, "clocks": clocks}
             del model, opt, step
             gc.collect()
             torch.cuda.empty_cache()
@@ -233,7 +236,7 @@ def part_b(results, compile_blocks=False, graph=False, iters=8, unfolded=False):
         print(f"{'run':12s} {'ms/step':>9s} {'tokens/s':>10s} {'6N TFLOP/s':>10s} {'peak GiB':>9s} {'first loss':>10s}")
         for label, r in runs.items():
             print(f"{label:12s} {r['ms']:9.1f} {r['tokens_per_s']:10.0f} {r['model_tflops']:10.0f} "
-                  f"{r['peak_gib']:9.1f} {r['first_loss']:10.4f}")
+                  f"{r['peak_gib']:9.1f} {r['first_loss']:10.4f}   {clocks_text(r['clocks'])}")
         print(f"FP8 / BF16 tokens/s: {speedup:.2f}x (target >= 1.2x at wide)")
         if unfolded:
             print(f"FP8, permutations folded / unfolded: {runs['fp8-unfolded']['ms'] / runs['fp8']['ms']:.3f}x")

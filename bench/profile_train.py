@@ -3,14 +3,17 @@ compiled steps (torch.profiler), and the step's wall time against the GPU's busy
 says whether the step is host-bound.
 
     python bench/profile_train.py [--preset small|wide|...] [--batch 8] [--seq 2048] [--dtype bf16|fp32] [--fp8]
-                                  [--no-compile] [--compile-mode MODE] [--rows 30] [--trace] [--who REGEX]
+                                  [--no-compile] [--compile-mode MODE] [--step-graph] [--rows 30] [--trace]
+                                  [--who REGEX]
 
 --dtype bf16 is bench/train.py's like-for-like run (bf16 weights and moments); fp32 is the trainer's default
 (fp32 master weights under bf16 autocast). --preset wide is bench/fp8.py's wide config (hidden 4096), at its
 batch unless --batch is given. --trace also writes a gzipped Chrome trace of one step to $OUT. --who lists the
 ops that launched the kernels whose names match REGEX, with their enclosing ops (the autograd node, in backward)
 and the innermost nanoseek lines of their Python stacks; kernels replayed from a CUDA graph have no launching op
-(use --compile-mode default to see inside the blocks).
+(use --compile-mode default to see inside the blocks). --step-graph profiles the step as bench/train.py's
+bf16-graph run takes it (compiled blocks, the whole step one CUDA graph, shared experts on a side stream) and adds
+the timeline's idle gaps: the GPU time with no kernel running, and the largest gaps with the kernels around them.
 """
 import argparse
 import gzip
@@ -26,7 +29,9 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import cuda_time_ms, median, write_json  # noqa: E402
-from bench.train import batch, build_nanoseek, nanoseek_optimizer, nanoseek_step_fn  # noqa: E402
+from bench.train import (batch, build_nanoseek, nanoseek_graph_step_fn, nanoseek_optimizer,  # noqa: E402
+                         nanoseek_step_fn)
+from nanoseek.train.step_graph import WARMUP_STEPS  # noqa: E402
 from nanoseek.config import preset  # noqa: E402
 
 # first match wins: kernel name -> kind
@@ -65,6 +70,8 @@ def main():
     ap.add_argument("--compile-mode", default="reduce-overhead",
                     help="torch.compile mode of the blocks: reduce-overhead (CUDA graphs, the trainer's default) "
                          "or default")
+    ap.add_argument("--step-graph", action="store_true", help="the whole step as one CUDA graph (bench/train.py's "
+                    "bf16-graph), with the timeline's gaps")
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
     if args.preset == "wide":
@@ -75,12 +82,17 @@ def main():
         cfg = preset(args.preset, num_nextn_predict_layers=0)
     args.batch = args.batch or 8
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    mode = None if args.compile_mode == "default" else args.compile_mode
+    mode = None if args.compile_mode == "default" or args.step_graph else args.compile_mode
     model = build_nanoseek(cfg, not args.no_compile, dtype=dtype, fp8=args.fp8, compile_mode=mode)
     opt = nanoseek_optimizer(model, dtype)
     x, y = batch(cfg, args.batch, args.seq)
-    step = nanoseek_step_fn(model, opt, x, y)
     torch.cuda.reset_peak_memory_stats()
+    if args.step_graph:
+        step = nanoseek_graph_step_fn(model, opt, x, y)
+        for _ in range(WARMUP_STEPS + 1):   # the graph's warm-up steps and its capture
+            step()
+    else:
+        step = nanoseek_step_fn(model, opt, x, y)
     step_ms = median(cuda_time_ms(step, 3, 10))
     peak = torch.cuda.max_memory_allocated() / 2**30
     print(f"step {step_ms:.1f} ms (CUDA events, median of 10, no profiler), "
@@ -115,6 +127,8 @@ def main():
         "by_kind": by_kind,
         "top": [{"name": e.key[:200], "ms": e.self_device_time_total / steps / 1e3, "calls": e.count // steps}
                 for e in top]})
+    if args.step_graph:
+        gaps(step, args.rows)
     if args.trace and os.environ.get("OUT"):
         with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as one:
             step()
@@ -127,6 +141,40 @@ def main():
     if args.who:
         who(step, args.who)
     print(torch.cuda.memory_summary(abbreviated=True)[:1500])
+
+
+def gaps(step, rows: int):
+    """One step's kernel timeline (all streams): the time no kernel runs, by gap size, and the largest gaps with
+    the kernels that end before and start after them."""
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    spans = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                   if e.device_type == torch.autograd.DeviceType.CUDA)
+    idle, end, last = [], spans[0][1], spans[0][2]
+    for a, b, name in spans[1:]:
+        if a > end:
+            idle.append((a - end, last, name))
+        if b > end:
+            end, last = b, name
+    total_us = (end - spans[0][0])
+    idle_us = sum(g for g, _, _ in idle)
+    print(f"\ntimeline {total_us / 1e3:.2f} ms, kernels running {(total_us - idle_us) / 1e3:.2f} ms, idle "
+          f"{idle_us / 1e3:.2f} ms in {len(idle)} gaps")
+    for lo, hi in ((0, 2), (2, 5), (5, 20), (20, 1e9)):
+        sel = [g for g, _, _ in idle if lo <= g < hi]
+        print(f"  gaps of {lo}-{hi if hi < 1e9 else 'inf'} us: {len(sel):5d}, {sum(sel) / 1e3:.2f} ms")
+    by_pair = defaultdict(lambda: [0.0, 0])
+    for g, before, after in idle:
+        entry = by_pair[(kind_of(before), kind_of(after))]
+        entry[0] += g
+        entry[1] += 1
+    print("idle by (kind before -> kind after):")
+    for (a, b), (us, n) in sorted(by_pair.items(), key=lambda kv: -kv[1][0])[:12]:
+        print(f"  {us / 1e3:6.2f} ms {n:5d}x  {a} -> {b}")
+    print("largest gaps:")
+    for g, before, after in sorted(idle, reverse=True)[:rows]:
+        print(f"  {g:7.1f} us  {before[:60]}  ->  {after[:60]}")
 
 
 def who(step, pattern: str):

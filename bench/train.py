@@ -15,6 +15,8 @@ weight decay 0.01). Prints tokens/s, the ratio, "6N" MFU on activated parameters
 measured in the same run, and peak memory; then, with --scaling, tokens/s as n_routed_experts grows at fixed
 activated parameters. --doc-len N times nanoseek with document masking
 (data.document_mask) over documents of N tokens: FlexAttention, or with --dense-mask SDPA with a dense mask.
+Under each run: the SM clock and power draw while it was timed (nvidia-smi), since the GPU lowers its clock at
+its power limit and the steps' times move with it.
 """
 import argparse
 import ast
@@ -28,7 +30,7 @@ import torch
 import torch._inductor.config as inductor_config
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import bf16_gemm_tflops, cuda_time_ms, env, median, write_json  # noqa: E402
+from bench.common import bf16_gemm_tflops, clocks_text, cuda_time_ms, env, gpu_clocks, median, write_json  # noqa
 from nanoseek.config import preset  # noqa: E402
 from nanoseek.fp8 import convert_to_fp8  # noqa: E402
 from nanoseek.info import count  # noqa: E402
@@ -94,10 +96,17 @@ def nanoseek_optimizer(model, dtype):
     return AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.999), weight_decay=0.01, moment_dtype=dtype)
 
 
-def measure(step, iters, warmup, reset=True):
+def measure(step, iters, warmup, reset=True, clocks=None):
+    """(median ms, peak GiB); `clocks`, a dict, gets the SM clock and power over the timed steps (gpu_clocks)."""
     if reset:
         torch.cuda.reset_peak_memory_stats()
-    times = cuda_time_ms(step, warmup, iters)
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    with gpu_clocks() as sampled:
+        times = cuda_time_ms(step, 0, iters)
+    if clocks is not None:
+        clocks.update(sampled)
     return median(times), torch.cuda.max_memory_allocated() / 2**30
 
 
@@ -185,8 +194,9 @@ def main():
         step = hf_step_fn(hf, opt, x, y)
         with torch.no_grad():
             hf_loss0 = _hf_loss(hf, x, y).item()
-        ms, mem = measure(step, args.iters, args.warmup)
-        rows.append(("transformers (bf16, sdpa)", ms, mem))
+        clocks = {}
+        ms, mem = measure(step, args.iters, args.warmup, clocks=clocks)
+        rows.append(("transformers (bf16, sdpa)", ms, mem, clocks))
         del hf, opt, step
         gc.collect()
         torch.cuda.empty_cache()
@@ -218,8 +228,9 @@ def main():
         else:
             step = nanoseek_step_fn(model, opt, x, y, doc_ids=doc_ids)
         warmup = args.warmup + (WARMUP_STEPS + 1 if graph else 0)   # past the graph's warm-ups and its capture
-        ms, mem = measure(step, args.iters, warmup, reset=not graph)
-        rows.append((name, ms, mem))
+        clocks = {}
+        ms, mem = measure(step, args.iters, warmup, reset=not graph, clocks=clocks)
+        rows.append((name, ms, mem, clocks))
         results.setdefault("first_loss", {})[name] = loss0
         del model, opt, step
         gc.collect()
@@ -231,13 +242,14 @@ def main():
     print(f"first-step loss: {results['first_loss']}")
     print(f"{'run':40s} {'ms/step':>9s} {'tokens/s':>10s} {'MFU':>6s} {'peak GiB':>9s} {'vs HF':>7s}")
     base = rows[0][1] if not args.no_hf else None
-    for name, ms, mem in rows:
+    for name, ms, mem, clocks in rows:
         tps = tokens / (ms * 1e-3)
         mfu = tps * flops_per_token / (gemm * 1e12)
         ratio = f"{base / ms:.2f}x" if base else "-"
         print(f"{name:40s} {ms:9.1f} {tps:10.0f} {100 * mfu:5.1f}% {mem:9.1f} {ratio:>7s}")
+        print(f"{'':40s} while timed: {clocks_text(clocks)}")
         results.setdefault("runs", []).append({"name": name, "ms": ms, "tokens_per_s": tps, "mfu": mfu,
-                                               "peak_gib": mem})
+                                               "peak_gib": mem, "clocks": clocks})
 
     if args.scaling:
         # bf16 weights and moments here (not fp32 masters) so that 256 experts (6.1B parameters) fit in 80 GB
