@@ -13,19 +13,23 @@ import time
 import torch
 
 
-def cuda_time_ms(fn, warmup: int = 3, iters: int = 10) -> list[float]:
-    """Per-iteration times (ms) of fn() with CUDA events, after warm-up."""
+def cuda_time_ms(fn, warmup: int = 3, iters: int = 10, clocks: dict | None = None) -> list[float]:
+    """Per-iteration times (ms) of fn() with CUDA events, after warm-up. `clocks`, a dict, gets the SM clock and
+    power over the timed iterations (gpu_clocks)."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
     times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
+    with gpu_clocks() if clocks is not None else contextlib.nullcontext({}) as sampled:
+        for _ in range(iters):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+    if clocks is not None:
+        clocks.update(sampled)
     return times
 
 
@@ -100,7 +104,8 @@ POWER_CAP, THERMAL = 0x4 | 0x80, 0x20 | 0x40
 @contextlib.contextmanager
 def gpu_clocks(every_ms: int = 50):
     """Samples the GPU's SM clock and power draw with nvidia-smi while the block runs. Yields a dict that gets
-    mean_sm_mhz, min_sm_mhz, mean_w, max_w and capped (the share of samples with a power-cap slowdown active).
+    mean_sm_mhz, min_sm_mhz, mean_w, max_w, capped and thermal (the shares of samples with a power-cap or a
+    thermal slowdown active) and samples.
     The H200 here draws up to its 700 W limit in a training step and lowers its clock to stay under it, so step
     times depend on how long it ran flat out before (BENCHMARKS.md); the dict stays empty without nvidia-smi."""
     stats: dict = {}

@@ -30,7 +30,7 @@ import torch
 import torch._inductor.config as inductor_config
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import bf16_gemm_tflops, clocks_text, cuda_time_ms, env, gpu_clocks, median, write_json  # noqa
+from bench.common import bf16_gemm_tflops, clocks_text, cuda_time_ms, env, median, write_json  # noqa: E402
 from nanoseek.config import preset  # noqa: E402
 from nanoseek.fp8 import convert_to_fp8  # noqa: E402
 from nanoseek.info import count  # noqa: E402
@@ -100,14 +100,7 @@ def measure(step, iters, warmup, reset=True, clocks=None):
     """(median ms, peak GiB); `clocks`, a dict, gets the SM clock and power over the timed steps (gpu_clocks)."""
     if reset:
         torch.cuda.reset_peak_memory_stats()
-    for _ in range(warmup):
-        step()
-    torch.cuda.synchronize()
-    with gpu_clocks() as sampled:
-        times = cuda_time_ms(step, 0, iters)
-    if clocks is not None:
-        clocks.update(sampled)
-    return median(times), torch.cuda.max_memory_allocated() / 2**30
+    return median(cuda_time_ms(step, warmup, iters, clocks)), torch.cuda.max_memory_allocated() / 2**30
 
 
 def build_nanoseek(cfg, compile_blocks, state=None, dtype=torch.float32, fp8=False, compile_mode=None,
