@@ -1,6 +1,7 @@
 """FP8 training (DeepSeek-V3 §3.3) against BF16 on one GPU, in one run (issue #5):
 
-    python3 bench/fp8.py [--parts abc] [--steps 1000] [--compile | --graph] [--configs small,wide] [--unfolded]
+    python3 bench/fp8.py [--parts abc] [--steps 1000] [--compile | --graph | --step-graph] [--configs small,wide]
+                         [--unfolded]
 
 (a) GEMM TFLOP/s, quantization included, for the linear layers of one training step of `small` and of a wider
     config (hidden 4096): FP8 (fp32 master weight, Fprop + Dgrad + Wgrad and every quantization) against bf16
@@ -11,7 +12,8 @@
     --compile both models' blocks are compiled and replayed as CUDA graphs, as the trainer does for bf16 (the FP8
     quantizations and GEMMs are custom ops traced into each block's graph); with --graph the whole eager step
     (forward, backward, AdamW) of both models is captured once as a CUDA graph and replayed, so no host work is
-    left in the timed step.
+    left in the timed step; with --step-graph both run as the trainer's run.step_graph does (compiled blocks
+    without graphs of their own, the shared experts on a side stream, the whole step one CUDA graph).
 (c) ≥ 1000 steps of FP8 and of BF16 from the same init and data (a fixed random bigram source generated here),
     the relative loss difference over the last 100 steps, and a PNG of both curves.
 Targets (issue #5): (a) ≥ 1.4× bf16 at the wide shapes, (b) ≥ 1.2× on the wide config, (c) < 0.25%.
@@ -31,12 +33,14 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import capture, clocks_text, cuda_time_ms, env, graphed_step_fn, median  # noqa: E402
+from bench.train import nanoseek_graph_step_fn, nanoseek_optimizer  # noqa: E402
 from nanoseek.config import preset  # noqa: E402
 from nanoseek.fp8 import convert_to_fp8, hopper, paths  # noqa: E402
 from nanoseek.fp8.emulate import EmulatedFP8  # noqa: E402
 from nanoseek.fp8.linear import FP8Matmul  # noqa: E402
 from nanoseek.info import count  # noqa: E402
-from nanoseek.train.compile import compile_blocks as compile_model  # noqa: E402
+from nanoseek.train.compile import compile_blocks as compile_model, overlap_shared_experts  # noqa: E402
+from nanoseek.train.step_graph import WARMUP_STEPS  # noqa: E402
 from nanoseek.kernels import grouped_mm  # noqa: E402
 from nanoseek.fp8.experts import FP8Experts  # noqa: E402
 from nanoseek.model import DeepSeekV3  # noqa: E402
@@ -196,9 +200,11 @@ def train_step_fn(model, opt, x, y):
     return step
 
 
-def part_b(results, compile_blocks=False, graph=False, iters=8, unfolded=False):
+def part_b(results, compile_blocks=False, graph=False, iters=8, unfolded=False, step_graph=False):
     """unfolded: also FP8 with the experts' dispatch and combine as ops of their own (Experts.forward_permuted),
-    as before they were folded into the GEMMs' quantization."""
+    as before they were folded into the GEMMs' quantization. step_graph: both models as the trainer runs them with
+    run.step_graph (bench/train.py's bf16-graph): compiled blocks, the shared experts on a side stream, the whole
+    step one CUDA graph, nanoseek's AdamW (torch's fused kernel on fp32)."""
     for cname, (cfg, B, T) in CONFIGS.items():
         g = torch.Generator(device="cuda").manual_seed(0)
         ids = torch.randint(0, cfg.vocab_size, (B, T + 1), device="cuda", generator=g)
@@ -209,13 +215,21 @@ def part_b(results, compile_blocks=False, graph=False, iters=8, unfolded=False):
             torch._dynamo.reset()
             FP8Experts.forward_permuted = Experts.forward_permuted if label == "fp8-unfolded" else _FOLDED
             model = build(cfg, fp8)
-            if compile_blocks:
+            if step_graph:
+                overlap_shared_experts(model)
+                compile_model(model, None)
+            elif compile_blocks:
                 compile_model(model, "reduce-overhead")
             torch.compiler.cudagraph_mark_step_begin()
             with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
                 loss0 = model.loss(x, y).ce.item()
             torch.cuda.reset_peak_memory_stats()
-            if graph:
+            if step_graph:
+                opt = nanoseek_optimizer(model, torch.float32)
+                step = nanoseek_graph_step_fn(model, opt, x, y)
+                for _ in range(WARMUP_STEPS + 1):   # its warm-up steps and the capture
+                    step()
+            elif graph:
                 opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True, capturable=True)
                 step = graphed_step_fn(model, opt, x, y)
             else:
@@ -239,7 +253,8 @@ def part_b(results, compile_blocks=False, graph=False, iters=8, unfolded=False):
         if unfolded:
             print(f"FP8, permutations folded / unfolded: {runs['fp8-unfolded']['ms'] / runs['fp8']['ms']:.3f}x")
         results[cname] = {"batch": B, "seq": T, "activated_params": n_act, "runs": runs, "speedup": speedup,
-                          "compiled": compile_blocks, "whole_step_graph": graph}
+                          "compiled": compile_blocks or step_graph, "whole_step_graph": graph or step_graph,
+                          "trainer_step_graph": step_graph}
 
 
 # ---- (c) loss curves ---------------------------------------------------------------------------------------
@@ -353,6 +368,8 @@ def main():
     ap.add_argument("--graph", action="store_true", help="(b): replay both models' whole steps as CUDA graphs")
     ap.add_argument("--configs", default=",".join(CONFIGS), help="(a), (b): which of " + ", ".join(CONFIGS))
     ap.add_argument("--unfolded", action="store_true", help="(b): also FP8 with the MoE permutations unfolded")
+    ap.add_argument("--step-graph", action="store_true", help="(b): both models as the trainer's run.step_graph "
+                    "runs them (compiled blocks, shared experts overlapped, the step one CUDA graph)")
     args = ap.parse_args()
     chosen = args.configs.split(",")
     if set(chosen) - set(CONFIGS):
@@ -360,7 +377,8 @@ def main():
     for cname in set(CONFIGS) - set(chosen):
         del CONFIGS[cname]
     print(env(), flush=True)
-    parts = {"a": ("fp8_gemm.json", part_a, ()), "b": ("fp8_train.json", part_b, (args.compile, args.graph, 8, args.unfolded)),
+    parts = {"a": ("fp8_gemm.json", part_a, ()), "b": ("fp8_train.json", part_b, (args.compile, args.graph, 8, args.unfolded,
+                                                             args.step_graph)),
              "c": ("fp8_loss.json", part_c, (args.steps,))}
     summary = {}
     for p in args.parts:

@@ -38,8 +38,6 @@ def test_toml_and_yaml_read_the_same(tmp_path):
     ("[mtp]\nlambda_switch = 2\n", "train config 'mtp.lambda_switch' must be in [0, 1] (got 2.0)"),
     ("[run]\nstep_graph = true\ndevice = \"cpu\"\n",
      "train config 'run.step_graph' needs run.compile = true and a CUDA device (got True)"),
-    ("[run]\nstep_graph = true\nprecision = \"fp8\"\n",
-     "train config 'run.step_graph' does not take run.precision = 'fp8' yet (got True)"),
     ("[optim\nlr = 1\n", "cannot parse"),
 ])
 def test_bad_configs_name_the_problem(tmp_path, text, message):

@@ -46,7 +46,7 @@ class Run:
                                    "batch, learning rate and MTP λ fed through device buffers "
                                    "(train/step_graph.py; the blocks then compile without graphs of their own). "
                                    "bench/train.py, `small` on an H200: 61.2 ms/step against 62.5 with block graphs. "
-                                   "Not with fp8, data.document_mask or torchrun yet")
+                                   "Not with torchrun yet")
     overlap_shared_experts: bool = knob(True, "on CUDA, run each MoE layer's shared experts on a side stream, "
                                               "concurrently with its routed experts, forward and backward "
                                               "(model/moe.py MoE._overlapped; `small` on an H200: 58.2 ms/step "
@@ -180,8 +180,6 @@ class TrainConfig:
         need(r.precision in ("bf16", "fp32", "fp8"), "run.precision", "must be 'bf16', 'fp32' or 'fp8'")
         need(not r.step_graph or (r.compile and r.device != "cpu"), "run.step_graph",
              "needs run.compile = true and a CUDA device")
-        need(not r.step_graph or r.precision != "fp8", "run.step_graph", "does not take run.precision = 'fp8' yet")
-        need(not r.step_graph or not d.document_mask, "run.step_graph", "does not take data.document_mask yet")
         need(r.recompute in MODES, "run.recompute",
              "must be " + ", ".join(f"'{m}'" for m in MODES[:-1]) + f" or '{MODES[-1]}'")
         need(self.model.preset in PRESETS or bool(self.model.config), "model.preset",
