@@ -20,7 +20,6 @@ its power limit and the steps' times move with it.
 """
 import argparse
 import ast
-import contextlib
 import functools
 import gc
 import os
@@ -62,18 +61,15 @@ def nanoseek_step_fn(model, opt, x, y, mtp_lambda=0.0, doc_ids=None):
     return step
 
 
-def nanoseek_graph_step_fn(model, opt, x, y, doc_ids=None, in_backward=False):
+def nanoseek_graph_step_fn(model, opt, x, y, doc_ids=None):
     """The step as the trainer runs it with run.step_graph (train/step_graph.py): warm-up steps, the capture, then
-    replays, the batch copied into the graph's inputs and the learning rate read from a device scalar. in_backward:
-    AdamW inside backward, as with optim.in_backward (no gradient norm: this step does not clip)."""
+    replays, the batch copied into the graph's inputs and the learning rate read from a device scalar."""
     def step(batches, mtp_lambda, autocast_cache=True):
         ((xb, yb, docs),) = batches
         with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=autocast_cache):
             loss = model.loss(xb, yb, balance_alpha=1e-4, doc_ids=docs).total
-        with opt.in_backward(grad_norm=False) if in_backward else contextlib.nullcontext():
-            loss.backward()
-        if not in_backward:
-            opt.step()
+        loss.backward()
+        opt.step()
         opt.zero_grad(set_to_none=True)
         return loss
     graph = StepGraph(step, opt, x.device)
@@ -136,8 +132,7 @@ def main():
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--no-cuda-graphs", action="store_true", help="compiled blocks without CUDA graphs")
     ap.add_argument("--variants", default="bf16,bf16-graph,fp32,eager", help="nanoseek runs: bf16 (like for like), "
-                    "bf16-graph (the same, the whole step one CUDA graph), bf16-graph-inbwd (the same, AdamW "
-                    "inside backward as with optim.in_backward), fp32 (fp32 master weights + autocast), "
+                    "bf16-graph (the same, the whole step one CUDA graph), fp32 (fp32 master weights + autocast), "
                     "eager (fp32 masters, not compiled); a suffix :MODE adds run.recompute MODE (e.g. bf16:v3)")
     ap.add_argument("--scaling", action="store_true")
     ap.add_argument("--no-overlap", action="store_true", help="the shared experts in line with the routed ones "
@@ -203,15 +198,14 @@ def main():
     # like for like with transformers (bf16 weights and moments), then as nanoseek's trainer runs by default
     kinds = {"bf16": ("bf16 weights", not args.no_compile, torch.bfloat16),
              "bf16-graph": ("bf16 weights", not args.no_compile, torch.bfloat16),
-             "bf16-graph-inbwd": ("bf16 weights", not args.no_compile, torch.bfloat16),
              "fp32": ("fp32 master, autocast", not args.no_compile, torch.float32),
              "eager": ("fp32 master, autocast", False, torch.float32)}
     for variant in args.variants.split(","):
         key, _, recompute = variant.partition(":")
         weights, comp, dtype = kinds[key]
-        graph, in_backward = "-graph" in key, key.endswith("-inbwd")
-        how = ("compiled, step as one CUDA graph" + (", AdamW in backward" if in_backward else "") if graph
-               else ("compiled, CUDA graphs" if mode else "compiled") if comp else "eager")
+        graph = key.endswith("-graph")
+        how = ("compiled, step as one CUDA graph" if graph else ("compiled, CUDA graphs" if mode else "compiled")
+               if comp else "eager")
         name = (f"nanoseek ({weights}, {how}" + (f", recompute {recompute}" if recompute else "")
                 + (f", documents of {args.doc_len} ({'dense' if args.dense_mask else 'flex'} mask)"
                    if args.doc_len else "") + ")")
@@ -223,7 +217,7 @@ def main():
         opt = nanoseek_optimizer(model, dtype)
         if graph:
             torch.cuda.reset_peak_memory_stats()   # the graph's memory pool is taken while capturing
-            step = nanoseek_graph_step_fn(model, opt, x, y, doc_ids, in_backward)
+            step = nanoseek_graph_step_fn(model, opt, x, y, doc_ids)
         else:
             step = nanoseek_step_fn(model, opt, x, y, doc_ids=doc_ids)
         warmup = args.warmup + (WARMUP_STEPS + 1 if graph else 0)   # past the graph's warm-ups and its capture

@@ -131,25 +131,3 @@ def test_step_graph_in_fp8_trains_like_eager_steps(tmp_path, data_dir):  # noqa:
                          if r["split"] in ("train", "val")]
     assert len(losses["false"]) == 11   # 8 steps, evaluations at steps 0, 4 and 8
     torch.testing.assert_close(torch.tensor(losses["true"]), torch.tensor(losses["false"]), rtol=2e-3, atol=0)
-
-
-@pytest.mark.parametrize("moments", ["false", "true"])
-def test_optimizer_in_backward_in_the_step_graph(tmp_path, data_dir, moments):  # noqa: F811
-    """optim.in_backward on CUDA: the updates run on their own stream while backward goes on (torch's fused
-    kernel on fp32 moments, the Triton kernel on bf16 ones), captured into the step's graph with the shared
-    experts' stream. Per-step losses and gradient norms equal those of eager steps that run AdamW after backward,
-    and every parameter has been stepped 8 times."""
-    records = {}
-    for mode in ("after", "in-graph"):
-        out = tmp_path / mode
-        extra = ("run.step_graph=true", "optim.in_backward=true") if mode == "in-graph" else ()
-        cfg = config(out, data_dir, "run.device=\"cuda\"", "run.compile=true", "run.cuda_graphs=false", "run.steps=8",
-                     "eval.every=4", "optim.grad_accum=1", "optim.grad_clip=0", f"optim.bf16_moments={moments}",
-                     "checkpoint.every=0", *extra)
-        trainer = Trainer(cfg)
-        trainer.fit()
-        assert {s["step"] for s in trainer.optimizer.state.values()} == {8}
-        records[mode] = [(r["loss"], r["grad_norm"]) if r["split"] == "train" else (r["val_loss"], 0.0)
-                         for r in read(f"{out}/metrics.jsonl") if r["split"] in ("train", "val")]
-    assert len(records["after"]) == 11   # 8 steps, evaluations at steps 0, 4 and 8
-    torch.testing.assert_close(torch.tensor(records["in-graph"]), torch.tensor(records["after"]), rtol=2e-3, atol=0)

@@ -43,7 +43,6 @@ class _Quiet(Metrics):
 class DistTrainer(Trainer):
     can_graph_step = False   # FSDP2 hooks and EP's host-side splits are not capturable
     can_overlap = False      # FSDP2 reduce-scatters gradients when its hooks run, which wait on one stream only
-    can_step_in_backward = False   # FSDP2 assigns the sharded gradients itself: no accumulate-grad hook runs
 
     def __init__(self, cfg, resume: str | None = None, log=print):
         if cfg.ema.enabled:

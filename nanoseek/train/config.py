@@ -87,9 +87,6 @@ class Optim:
     grad_clip: float = knob(1.0, "clip the global gradient norm to this; 0 disables (V3: 1.0)")
     grad_accum: int = knob(1, "micro-batches per optimizer step")
     bf16_moments: bool = knob(False, "keep AdamW's moments in bf16 (V3); the update itself is computed in fp32")
-    in_backward: bool = knob(False, "step each parameter as soon as backward has its gradient, on a side stream "
-                                    "beside the rest of backward (train/optim.py AdamW.in_backward): same update, "
-                                    "less time; needs grad_clip = 0 and grad_accum = 1. Not with torchrun")
 
 
 @dataclass
@@ -197,9 +194,6 @@ class TrainConfig:
         need(o.eps > 0, "optim.eps", "must be > 0")
         need(o.grad_clip >= 0, "optim.grad_clip", "must be >= 0")
         need(o.grad_accum >= 1, "optim.grad_accum", "must be >= 1")
-        need(not o.in_backward or (o.grad_clip == 0 and o.grad_accum == 1), "optim.in_backward",
-             "needs optim.grad_clip = 0 and optim.grad_accum = 1: the update cannot wait for the global norm or "
-             "for later micro-batches")
         need(s.kind in ("cosine", "wsd"), "schedule.kind", "must be 'cosine' or 'wsd'")
         need(s.warmup_steps >= 0, "schedule.warmup_steps", "must be >= 0")
         need(0 < s.decay_fraction <= 1, "schedule.decay_fraction", "must be in (0, 1]")

@@ -52,7 +52,6 @@ class Trainer:
     is_main = True   # the rank that writes metrics, checkpoints and exports (dist/train.py: rank 0 of many)
     can_graph_step = True   # run.step_graph (train/step_graph.py); dist/train.py's sharded step cannot yet
     can_overlap = True      # run.overlap_shared_experts; not under FSDP2, whose hooks expect one stream
-    can_step_in_backward = True   # optim.in_backward; FSDP2 hands sharded gradients over after its own hooks
 
     def __init__(self, cfg: TrainConfig, resume: str | None = None, log=print):
         self.cfg, self.log = cfg, log
@@ -90,8 +89,6 @@ class Trainer:
         if cfg.run.step_graph and (self.device.type != "cuda" or not self.can_graph_step):
             raise ValueError("train config 'run.step_graph' needs a single CUDA device"
                              + (" (not torchrun)" if not self.can_graph_step else f", got {self.device}"))
-        if cfg.optim.in_backward and not self.can_step_in_backward:
-            raise ValueError("train config 'optim.in_backward' is not supported under torchrun")
         compiled = cfg.run.compile and self.device.type == "cuda"
         block_graphs = compiled and cfg.run.cuda_graphs and not cfg.run.step_graph
         if (cfg.run.overlap_shared_experts and self.device.type == "cuda" and cfg.run.recompute == "none"
@@ -211,28 +208,23 @@ class Trainer:
         return rec
 
     def _optimizer_step(self, batches: list, mtp_lambda, autocast_cache: bool = True):
-        """Forward and backward on each micro-batch, clip, AdamW (or, with optim.in_backward, AdamW inside the one
-        backward); gradients None again at the end. -> (loss sums, expert loads, gradient norm) as device tensors.
-        Run eagerly, or captured by train/step_graph.py."""
-        accum, alpha, in_backward = len(batches), self.cfg.balance.alpha, self.cfg.optim.in_backward
+        """Forward and backward on each micro-batch, clip, AdamW; gradients None again at the end. -> (loss sums,
+        expert loads, gradient norm) as device tensors. Run eagerly, or captured by train/step_graph.py."""
+        accum, alpha = len(batches), self.cfg.balance.alpha
         sums, load = {}, None
         self._begin_graph_step()   # once per optimizer step: the micro-batches' gradients accumulate in graph memory
         for x, y, docs in batches:
             with self._autocast(autocast_cache):
                 out = self.model.loss(x, y, mtp_lambda=mtp_lambda, balance_alpha=alpha, doc_ids=docs)
-            with self.optimizer.in_backward() if in_backward else contextlib.nullcontext() as norm:
-                (out.total / accum).backward()
+            (out.total / accum).backward()
             for name in ("total", "ce", "mtp", "balance"):
                 value = getattr(out, name)
                 if value is not None:
                     sums[name] = sums.get(name, 0) + value.detach().float() / accum
             if out.expert_load is not None:
                 load = out.expert_load if load is None else load + out.expert_load
-        if in_backward:
-            grad_norm = norm[0]
-        else:
-            grad_norm = self._clip_grads()
-            self.optimizer.step()
+        grad_norm = self._clip_grads()
+        self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return sums, load, grad_norm
 

@@ -10,7 +10,6 @@ bf16, where it is 1.27× torch's fused kernel on an H200 (bench/adamw.py). Elsew
 Both one-pass kernels read the step count from a device tensor advanced in place, so the step can be captured
 in a CUDA graph and replayed.
 """
-import contextlib
 import math
 
 import torch
@@ -32,92 +31,40 @@ class AdamW(torch.optim.Optimizer):
         self.last_stepped = []
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
-            if params:
-                self.last_stepped += params
-                states = [self._state(p) for p in params]
-                self._update(group, params, [p.grad for p in params], states, self._device_steps(params, states))
-
-    @contextlib.contextmanager
-    def in_backward(self, grad_norm: bool = True):
-        """Steps each parameter as soon as backward inside this block has accumulated its gradient, instead of
-        after backward: the updates run on a stream of their own, beside the backward of the earlier layers, and
-        the step needs no pass of its own at the end. Each gradient is taken from its parameter (p.grad is None
-        after), and the same update as step() runs on it, so the result equals backward() then step(). No
-        clipping and no accumulation over micro-batches can come between the two, since neither the global norm
-        nor the last micro-batch is known while a gradient is being used. Yields a list that holds, after the
-        block, the global gradient norm (a device scalar) when grad_norm is set.
-
-        The gradients stay referenced until the block ends and the current stream has waited for the updates, so
-        no other stream reuses their memory while an update still reads it (as MoE._overlapped does)."""
-        device = next(p.device for g in self.param_groups for p in g["params"])
-        streams = torch.get_device_module(device)
-        main = streams.current_stream()
-        side = _update_stream(device)
-        group_of = {p: g for g in self.param_groups for p in g["params"]}
-        self.last_stepped, grads = [], {}
-        # every parameter whose device step count follows its host count advances in one launch, here
-        advance = [p for p in group_of if p in self._steps and self._steps[p][1] == self.state[p].get("step")]
-        if advance:
-            torch._foreach_add_([self._steps[p][0] for p in advance], 1.0)
-            for p in advance:
-                self._steps[p] = (self._steps[p][0], self._steps[p][1] + 1)
-
-        @torch.no_grad()
-        def update(p: torch.Tensor) -> None:
-            grad, p.grad = p.grad, None
-            side.wait_stream(streams.current_stream())   # the stream backward accumulated the gradient on
-            with streams.stream(side):
-                s = self._state(p)
-                t, host = self._steps.get(p, (None, None))
-                steps = [t] if host == s["step"] else self._device_steps([p], [s])
-                self._update(group_of[p], [p], [grad], [s], steps)
-            self.last_stepped.append(p)
-            grads[p] = grad
-
-        hooks = [p.register_post_accumulate_grad_hook(update) for p in group_of if p.requires_grad]
-        out = []
-        try:
-            yield out
-        finally:
-            for h in hooks:
-                h.remove()
-            main.wait_stream(side)
-        if grad_norm:   # over the gradients in the parameters' order, as the norm after backward sums them
-            ordered = [grads[p] for p in group_of if p in grads]
-            out.append(torch.nn.utils.get_total_norm(ordered) if ordered else torch.zeros((), device=device))
-
-    def _update(self, group: dict, params: list, grads: list, states: list, steps: list) -> None:
-        """AdamW on `params` with gradients `grads`, their states (step counts already advanced) and device step
-        counts."""
-        lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-        kernel = self._one_pass(params)
-        if kernel == "torch":   # same update as below
-            torch._fused_adamw_(params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-                                [], steps, lr=lr, beta1=b1, beta2=b2, weight_decay=wd, eps=eps, amsgrad=False,
-                                maximize=False)
-            return
-        if kernel == "triton":
-            from ..kernels.adamw_triton import adamw_step
-            for p, g, s, t in zip(params, grads, states, steps):
-                adamw_step(p, g, s["exp_avg"], s["exp_avg_sq"], t, lr, b1, b2, eps, wd)
-            return
-        grads = [g.float() for g in grads]
-        m = [s["exp_avg"].float() for s in states]      # the moments themselves when fp32, copies when bf16
-        v = [s["exp_avg_sq"].float() for s in states]
-        torch._foreach_lerp_(m, grads, 1 - b1)
-        torch._foreach_mul_(v, b2)
-        torch._foreach_addcmul_(v, grads, grads, value=1 - b2)
-        if self.moment_dtype != torch.float32:
-            for s, mi, vi in zip(states, m, v):
-                s["exp_avg"].copy_(mi)
-                s["exp_avg_sq"].copy_(vi)
-        if wd:
-            torch._foreach_mul_(params, 1 - lr * wd)
-        # p -= lr · m̂ / (sqrt(v̂) + ε) with the bias corrections of each parameter's own step count
-        denom = torch._foreach_sqrt(v)
-        torch._foreach_div_(denom, [math.sqrt(1 - b2 ** s["step"]) for s in states])
-        torch._foreach_add_(denom, eps)
-        torch._foreach_addcdiv_(params, m, denom, [-lr / (1 - b1 ** s["step"]) for s in states])
+            if not params:
+                continue
+            self.last_stepped += params
+            lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+            states = [self._state(p) for p in params]
+            kernel = self._one_pass(params)
+            if kernel == "torch":   # same update as below
+                torch._fused_adamw_(params, [p.grad for p in params], [s["exp_avg"] for s in states],
+                                    [s["exp_avg_sq"] for s in states], [], self._device_steps(params, states),
+                                    lr=lr, beta1=b1, beta2=b2, weight_decay=wd, eps=eps, amsgrad=False,
+                                    maximize=False)
+                continue
+            if kernel == "triton":
+                from ..kernels.adamw_triton import adamw_step
+                for p, s, t in zip(params, states, self._device_steps(params, states)):
+                    adamw_step(p, p.grad, s["exp_avg"], s["exp_avg_sq"], t, lr, b1, b2, eps, wd)
+                continue
+            grads = [p.grad.float() for p in params]
+            m = [s["exp_avg"].float() for s in states]      # the moments themselves when fp32, copies when bf16
+            v = [s["exp_avg_sq"].float() for s in states]
+            torch._foreach_lerp_(m, grads, 1 - b1)
+            torch._foreach_mul_(v, b2)
+            torch._foreach_addcmul_(v, grads, grads, value=1 - b2)
+            if self.moment_dtype != torch.float32:
+                for s, mi, vi in zip(states, m, v):
+                    s["exp_avg"].copy_(mi)
+                    s["exp_avg_sq"].copy_(vi)
+            if wd:
+                torch._foreach_mul_(params, 1 - lr * wd)
+            # p -= lr · m̂ / (sqrt(v̂) + ε) with the bias corrections of each parameter's own step count
+            denom = torch._foreach_sqrt(v)
+            torch._foreach_div_(denom, [math.sqrt(1 - b2 ** s["step"]) for s in states])
+            torch._foreach_add_(denom, eps)
+            torch._foreach_addcdiv_(params, m, denom, [-lr / (1 - b1 ** s["step"]) for s in states])
 
     def replayed(self, params: list[torch.Tensor]) -> None:
         """A captured step() over `params` (its last_stepped) was replayed as a CUDA graph (train/step_graph.py):
@@ -182,14 +129,3 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     rest = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
-
-
-_UPDATE_STREAMS: dict[torch.device, object] = {}
-
-
-def _update_stream(device: torch.device):
-    """The stream AdamW.in_backward runs its updates on, one per device (CPU: torch's stand-in, in order)."""
-    if device not in _UPDATE_STREAMS:
-        streams = torch.get_device_module(device)
-        _UPDATE_STREAMS[device] = streams.Stream(device=device) if device.type == "cuda" else streams.Stream()
-    return _UPDATE_STREAMS[device]
