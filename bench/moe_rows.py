@@ -62,7 +62,7 @@ def main():
                 g = graph_time_ms(lambda: moe_rows_triton._gather_rows_kernel[grid_g](
                     x, order, out_g, N * K, H, K, BLOCK_R=br, BLOCK_H=bh, num_warps=warps))
                 s = graph_time_ms(lambda: moe_rows_triton._sum_rows_kernel[grid_s](
-                    rows, inverse, out_s, N, H, K, BLOCK_R=br, BLOCK_H=bh, num_warps=warps))
+                    rows, inverse, out_s, N, H, rows, K, False, BLOCK_R=br, BLOCK_H=bh, num_warps=warps))
                 results["runs"].append({"sweep": [br, bh, warps], "gather_ms": g, "sum_ms": s})
                 print(f"  {br:3d} x {bh:4d}, {warps:2d} warps: {g:.4f} / {s:.4f}")
     write_json("moe_rows.json", results)

@@ -45,6 +45,20 @@ def test_sum_rows_in_bf16_sums_in_fp32():
     assert torch.equal(got, fp32.bfloat16()) or torch.equal(got, truncated)
 
 
+def test_sum_rows_adds_the_residual_in_the_same_sum():
+    """With a residual (the block's, fp32 under autocast), bf16 rows and the residual are summed in fp32 and the
+    output takes the residual's dtype: the sum is never rounded to bf16 on the way (as a bf16 combine followed
+    by a separate residual add would)."""
+    torch.manual_seed(0)
+    rows, residual = torch.randn(4 * 37, 200).bfloat16(), torch.randn(37, 200)
+    index = torch.randperm(4 * 37)
+    got = moe_rows_triton.sum_rows(rows, index, 4, residual)
+    assert got.dtype == torch.float32
+    want = moe_rows.sum_rows_reference(rows, index, 4, residual)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert not torch.equal(want, residual + moe_rows.sum_rows_reference(rows, index, 4))   # that rounding is gone
+
+
 @pytest.mark.parametrize("scaled", [True, False])
 @pytest.mark.parametrize("I", [48, 700])   # one column block; two, the second partial
 def test_swiglu_backward_matches_autograd(scaled, I):

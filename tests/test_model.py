@@ -141,6 +141,24 @@ def test_moe_sorted_grouped_path_matches_naive_forward_and_grad():
         assert torch.allclose(a, b, atol=1e-10)
 
 
+@pytest.mark.parametrize("overlap", [False, True])
+def test_moe_sums_the_residual_with_the_experts_rows(overlap):
+    """MoE(h, residual=x), the block's residual add folded into the experts' combine: x + MoE(h), forward and
+    gradients (x's is the output's), in float64, in line and with the shared experts overlapped."""
+    cfg = preset("tiny", n_routed_experts=8, num_experts_per_tok=3)
+    moe = random_model(cfg).layers[1].mlp.double()
+    moe.overlap_shared = overlap
+    h = torch.randn(2, 20, cfg.hidden_size, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 20, cfg.hidden_size, dtype=torch.float64, requires_grad=True)
+    fast = moe(h, residual=x)
+    ref = x + torch.stack([_naive_moe(moe, row) for row in h])
+    torch.testing.assert_close(fast, ref, rtol=0, atol=1e-10)
+    g = torch.randn_like(ref)
+    params = [h, x, moe.experts.down_proj, moe.shared_experts.down_proj.weight]
+    for a, b in zip(torch.autograd.grad((fast * g).sum(), params), torch.autograd.grad((ref * g).sum(), params)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+
+
 @pytest.mark.parametrize("compiled", [False, True])
 def test_shared_expert_overlap_equals_in_line_layer(compiled):
     """run.overlap_shared_experts (MoE._overlapped; CPU streams are stand-ins, so this checks the path, its graph

@@ -100,14 +100,17 @@ class EPExperts(Experts):
         super().__init__(n_local, dim, inter_dim, expert_offset=rank * n_local)
         self.n_total, self.ep, self.group, self.overlap = n_experts, ep, group, overlap
 
-    def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
         N, K = indices.shape
         g = weights.reshape(N * K, 1)                                # one gate weight per (token, slot) row
         if self.overlap:   # on every rank alike (the collectives must pair up), even with < 2 tokens here
             m = N // 2
-            return torch.cat(self._pipelined([x[:m], x[m:]], [g[: m * K], g[m * K:]], [indices[:m], indices[m:]]))
+            halves = [None, None] if residual is None else [residual[:m], residual[m:]]
+            return torch.cat(self._pipelined([x[:m], x[m:]], [g[: m * K], g[m * K:]], [indices[:m], indices[m:]],
+                                             halves))
         plan = _Plan(indices, self.n_total, self.ep, self.group)
-        return _sum(self._combine(self._compute(*self._dispatch(x, g, plan, K), plan), plan), plan, K)
+        return _sum(self._combine(self._compute(*self._dispatch(x, g, plan, K), plan), plan), plan, K, residual)
 
     # the three stages of one micro-batch (with handles: launched async, finished by _Wait)
     def _dispatch(self, x, g, plan, k, handles=(None, None)):
@@ -126,7 +129,7 @@ class EPExperts(Experts):
         """The rows back to their tokens' rank (`_sum` then adds up each token's rows)."""
         return _AllToAll.apply(y, plan.in_splits, plan.out_splits, self.group, handle)
 
-    def _pipelined(self, xs: list, gs: list, indices: list) -> list:
+    def _pipelined(self, xs: list, gs: list, indices: list, residuals: list) -> list:
         """Two micro-batches: dispatch(1) ‖ compute(0), combine(0) ‖ compute(1). Every rank issues the
         collectives in the same order: counts 0, counts 1, dispatch 0 (rows, weights), dispatch 1, combine 0,
         combine 1."""
@@ -140,14 +143,14 @@ class EPExperts(Experts):
         back0 = self._combine(y0, plans[0], h[2])                 # in flight while micro-batch 1 computes
         y1 = self._compute(*arrived(1), plans[1])
         back1 = self._combine(y1, plans[1], h[3])
-        return [_sum(_Wait.apply(back, hd), p, i.shape[1]) for back, p, i, hd in zip((back0, back1), plans, indices,
-                                                                                   h[2:])]
+        return [_sum(_Wait.apply(back, hd), p, i.shape[1], r)
+                for back, p, i, hd, r in zip((back0, back1), plans, indices, h[2:], residuals)]
 
 
-def _sum(back: torch.Tensor, plan: _Plan, k: int) -> torch.Tensor:
-    """The returned rows (in sorted order) summed per token, each already weighted by its g:
-    out[n] = Σ_j back[inverse[n·k + j]]."""
-    return combine_rows(back, plan.inverse, plan.order, k)
+def _sum(back: torch.Tensor, plan: _Plan, k: int, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """The returned rows (in sorted order) summed per token, each already weighted by its g, plus the residual:
+    out[n] = residual[n] + Σ_j back[inverse[n·k + j]]."""
+    return combine_rows(back, plan.inverse, plan.order, k, residual)
 
 
 @torch.no_grad()

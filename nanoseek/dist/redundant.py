@@ -36,8 +36,8 @@ class _Replicas:
         self.register_buffer("log2phy", log2phy.clone(), persistent=False)
         self.register_buffer("replica_counts", counts.clone(), persistent=False)
 
-    def forward(self, x, weights, indices):
-        return super().forward(x, weights, to_physical(indices, self.log2phy, self.replica_counts))
+    def forward(self, x, weights, indices, residual=None):
+        return super().forward(x, weights, to_physical(indices, self.log2phy, self.replica_counts), residual)
 
 
 class RedundantExperts(_Replicas, Experts):

@@ -5,6 +5,8 @@ made inductor's versions slow, see moe_rows_triton.py).
 
     permute_rows(src, index, k, combine=False)   out[j] = src[index[j] // k]          (gather_rows)
     permute_rows(src, index, k, combine=True)    out[n] = Σ_{j<k} src[index[n·k + j]]  (sum_rows)
+    permute_rows(src, index, k, True, residual)  out[n] = residual[n] + Σ_{j<k} ...      (the block's residual
+                                                 add in the same pass; out in the wider of the two dtypes)
     swiglu_backward(gate_up, s, dh)   gradients of h = silu(gate) · up · s for [gate; up] and s (see
                                       moe_rows_triton.py); s None means 1, its gradient is then returned unused
 """
@@ -22,8 +24,13 @@ def gather_rows_reference(src: torch.Tensor, index: torch.Tensor, k: int) -> tor
     return src[index // k] if k > 1 else src[index]
 
 
-def sum_rows_reference(src: torch.Tensor, index: torch.Tensor, k: int) -> torch.Tensor:
-    return src[index].view(-1, k, src.shape[1]).sum(1)
+def sum_rows_reference(src: torch.Tensor, index: torch.Tensor, k: int,
+                       residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    if residual is None:
+        return src[index].view(-1, k, src.shape[1]).sum(1)
+    dtype = torch.promote_types(src.dtype, residual.dtype)
+    wide = torch.promote_types(dtype, torch.float32)   # the kernel's fp32 sum, rounded once
+    return (src[index].view(-1, k, src.shape[1]).to(wide).sum(1) + residual.to(wide)).to(dtype)
 
 
 def swiglu_backward_reference(gate_up: torch.Tensor, scale: Optional[torch.Tensor], dh: torch.Tensor):
@@ -45,17 +52,23 @@ def _triton(t: torch.Tensor) -> bool:
 
 
 @torch.library.custom_op("nanoseek::permute_rows", mutates_args=())
-def permute_rows(src: torch.Tensor, index: torch.Tensor, k: int, combine: bool) -> torch.Tensor:
-    """gather_rows(src, index, k), or sum_rows when combine."""
-    if _triton(src):
+def permute_rows(src: torch.Tensor, index: torch.Tensor, k: int, combine: bool,
+                 residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """gather_rows(src, index, k), or sum_rows when combine (plus residual, if given)."""
+    if _triton(src) and (residual is None or _triton(residual)):
         from . import moe_rows_triton
-        return (moe_rows_triton.sum_rows if combine else moe_rows_triton.gather_rows)(src, index, k)
-    return (sum_rows_reference if combine else gather_rows_reference)(src, index, k)
+        if combine:
+            return moe_rows_triton.sum_rows(src, index, k, residual)
+        return moe_rows_triton.gather_rows(src, index, k)
+    if combine:
+        return sum_rows_reference(src, index, k, residual)
+    return gather_rows_reference(src, index, k)
 
 
 @permute_rows.register_fake
-def _(src, index, k, combine):
-    return src.new_empty(index.numel() // k if combine else index.numel(), src.shape[1])
+def _(src, index, k, combine, residual=None):
+    dtype = src.dtype if residual is None else torch.promote_types(src.dtype, residual.dtype)
+    return src.new_empty(index.numel() // k if combine else index.numel(), src.shape[1], dtype=dtype)
 
 
 @torch.library.custom_op("nanoseek::swiglu_backward", mutates_args=())

@@ -7,7 +7,8 @@ moved 1.3-2 TB/s of the 4.8 (bench/profile_train.py). Here each program copies o
 once per row, so the steps run at copy speed.
 
 * `gather_rows`:  out[j] = src[index[j] // k]                      (dispatch; the combine's backward)
-* `sum_rows`:     out[n] = Σ_{j<k} src[index[n·k + j]], fp32 sum     (combine; the dispatch's backward)
+* `sum_rows`:     out[n] = Σ_{j<k} src[index[n·k + j]], fp32 sum     (combine; the dispatch's backward),
+                  plus residual[n] when given: the block's residual add in the same pass
 * `swiglu_backward`: for h = silu(gate) · up · s (s one scale per row, the routing weight g), given dh:
       d_gate = dh·s · up · σ(gate)(1 + gate(1 − σ(gate))),   d_up = dh·s · silu(gate),
       d_s = Σ_cols dh · silu(gate) · up
@@ -43,16 +44,20 @@ def _gather_rows_kernel(src, index, out, M, H, k: tl.constexpr, BLOCK_R: tl.cons
 
 
 @triton.jit
-def _sum_rows_kernel(src, index, out, N, H, k: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr):
+def _sum_rows_kernel(src, index, out, N, H, residual, k: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                     BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     live = rows < N
     mask = live[:, None] & (cols[None, :] < H)
+    at = rows.to(tl.int64)[:, None] * H + cols[None, :]
     acc = tl.zeros((BLOCK_R, BLOCK_H), dtype=tl.float32)
     for j in tl.static_range(k):
         source = tl.load(index + rows * k + j, mask=live, other=0).to(tl.int64)
         acc += tl.load(src + source[:, None] * H + cols[None, :], mask=mask).to(tl.float32)
-    tl.store(out + rows.to(tl.int64)[:, None] * H + cols[None, :], acc.to(out.dtype.element_ty), mask=mask)
+    if HAS_RESIDUAL:
+        acc += tl.load(residual + at, mask=mask).to(tl.float32)
+    tl.store(out + at, acc.to(out.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -82,16 +87,16 @@ def _swiglu_backward_kernel(gate_up, scale, dh, d_gate_up, d_scale, M, I, HAS_SC
     tl.store(d_scale + rows, ds, mask=live)
 
 
-def _rows(kernel, src: torch.Tensor, index: torch.Tensor, k: int, n_out: int, config: tuple[int, int]
-          ) -> torch.Tensor:
+def _rows(kernel, src: torch.Tensor, index: torch.Tensor, k: int, n_out: int, config: tuple[int, int],
+          dtype: torch.dtype | None = None, **extra) -> torch.Tensor:
     src, index = src.contiguous(), index.contiguous()
     H = src.shape[1]
-    out = src.new_empty(n_out, H)
+    out = src.new_empty(n_out, H, dtype=dtype or src.dtype)
     if n_out and H:
         elements, num_warps = config
         block_r, block_h = _blocks(H, elements)
         grid = (triton.cdiv(n_out, block_r), triton.cdiv(H, block_h))
-        kernel[grid](src, index, out, n_out, H, k, BLOCK_R=block_r, BLOCK_H=block_h, num_warps=num_warps)
+        kernel[grid](src, index, out, n_out, H, k=k, BLOCK_R=block_r, BLOCK_H=block_h, num_warps=num_warps, **extra)
     return out
 
 
@@ -99,8 +104,11 @@ def gather_rows(src: torch.Tensor, index: torch.Tensor, k: int) -> torch.Tensor:
     return _rows(_gather_rows_kernel, src, index, k, index.numel(), _GATHER)
 
 
-def sum_rows(src: torch.Tensor, index: torch.Tensor, k: int) -> torch.Tensor:
-    return _rows(_sum_rows_kernel, src, index, k, index.numel() // k, _SUM)
+def sum_rows(src: torch.Tensor, index: torch.Tensor, k: int, residual: torch.Tensor | None = None) -> torch.Tensor:
+    if residual is None:   # the pointer is then never read
+        return _rows(_sum_rows_kernel, src, index, k, index.numel() // k, _SUM, residual=src, HAS_RESIDUAL=False)
+    return _rows(_sum_rows_kernel, src, index, k, index.numel() // k, _SUM,
+                 torch.promote_types(src.dtype, residual.dtype), residual=residual.contiguous(), HAS_RESIDUAL=True)
 
 
 def swiglu_backward(gate_up: torch.Tensor, scale: torch.Tensor | None, dh: torch.Tensor):

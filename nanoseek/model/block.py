@@ -22,7 +22,7 @@ class Block(nn.Module):
         """Returns (x, RouterStats or None)."""
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, mask)
         h = self.post_attention_layernorm(x)
-        if self.is_moe and return_stats:
-            h, stats = self.mlp(h, return_stats=True)
-            return x + h, stats
-        return x + self.mlp(h), None
+        if not self.is_moe:
+            return x + self.mlp(h), None
+        out = self.mlp(h, return_stats, residual=x)   # x + MoE(h): x joins the pass that sums the experts' rows
+        return out if return_stats else (out, None)

@@ -132,23 +132,27 @@ class Experts(nn.Module):
         h = swiglu(grouped_mm(x, self.gate_up_proj, counts), scale)
         return grouped_mm(h, self.down_proj, counts)
 
-    def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        """x (N, H), routing weights/indices (N, K) -> Σ_k g_k FFN_{i_k}(x)  (N, H). No token is dropped.
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
+        """x (N, H), routing weights/indices (N, K) -> Σ_k g_k FFN_{i_k}(x)  (N, H), plus residual (N, H) if
+        given. No token is dropped.
 
         Static shapes throughout (N·K rows whatever the routing), so the layer compiles and graph-captures.
         """
         N, K = indices.shape
         order, inverse, counts = sort_by_expert(indices.flatten() - self.expert_offset, self.n_experts)
         g_sorted = gather_rows(weights.reshape(-1, 1), order, inverse)[:, 0]   # each sorted row's g_k
-        return self.forward_permuted(x, (order, inverse, K), counts, g_sorted)
+        return self.forward_permuted(x, (order, inverse, K), counts, g_sorted, residual)
 
-    def forward_permuted(self, x: torch.Tensor, perm: tuple, counts: torch.Tensor, g_sorted: torch.Tensor):
+    def forward_permuted(self, x: torch.Tensor, perm: tuple, counts: torch.Tensor, g_sorted: torch.Tensor,
+                         residual: torch.Tensor | None = None):
         """x (N, H) in token order, perm = (order, inverse, K) from sort_by_expert -> Σ_k g_k FFN_{i_k}(x) (N, H):
         sorted row j is token order[j] // K, and each token's K rows, each already weighted by its g_k, are
-        summed. (FP8Experts folds the two permutations into its GEMMs' quantization.)"""
+        summed, with the residual in the same pass. (FP8Experts folds the two permutations into its GEMMs'
+        quantization.)"""
         order, inverse, K = perm
         return combine_rows(self.forward_sorted(gather_rows(x, order, inverse, K), counts, g_sorted),
-                            inverse, order, K)
+                            inverse, order, K, residual)
 
 
 def sort_by_expert(flat: torch.Tensor, n_experts: int):
@@ -192,29 +196,33 @@ class _SwiGLU(torch.autograd.Function):
 
 class _PermuteRows(torch.autograd.Function):
     """The gather rows = x[index // k], where index is a permutation of x.shape[0]·k rows (k copies of each row of
-    x), or its adjoint, the combine out[n] = Σ_{j<k} y[index[n·k + j]]. Each one's gradient is the other, taken
-    through the inverse permutation: no scatter-add, deterministic, and the k copies of x are never
-    materialized."""
+    x), or its adjoint, the combine out[n] = Σ_{j<k} y[index[n·k + j]] (+ residual[n]). Each one's gradient is the
+    other, taken through the inverse permutation: no scatter-add, deterministic, and the k copies of x are never
+    materialized. The residual's gradient is the output's."""
 
     @staticmethod
-    def forward(ctx, x, index, inverse, k, combine):
+    def forward(ctx, x, index, inverse, k, combine, residual=None):
         ctx.save_for_backward(inverse)
-        ctx.k, ctx.combine = k, combine
-        return moe_rows.permute_rows(x, index, k, combine)
+        ctx.k, ctx.combine, ctx.dtype = k, combine, x.dtype
+        return moe_rows.permute_rows(x, index, k, combine, residual)
 
     @staticmethod
     def backward(ctx, grad):
         (inverse,) = ctx.saved_tensors
-        return moe_rows.permute_rows(grad, inverse, ctx.k, not ctx.combine), None, None, None, None
+        # rounded to the rows' dtype before the gather, not after: the same values, k times fewer casts
+        dx = moe_rows.permute_rows(grad.to(ctx.dtype), inverse, ctx.k, not ctx.combine)
+        return dx, None, None, None, None, grad if ctx.needs_input_grad[5] else None
 
 
 def gather_rows(x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor, k: int = 1) -> torch.Tensor:
-    return _PermuteRows.apply(x, index, inverse, k, False)
+    return _PermuteRows.apply(x, index, inverse, k, False, None)
 
 
-def combine_rows(y: torch.Tensor, inverse: torch.Tensor, index: torch.Tensor, k: int) -> torch.Tensor:
-    """out[n] = Σ_{j<k} y[inverse[n·k + j]]; `index` is the permutation inverse to `inverse`."""
-    return _PermuteRows.apply(y, inverse, index, k, True)
+def combine_rows(y: torch.Tensor, inverse: torch.Tensor, index: torch.Tensor, k: int,
+                 residual: torch.Tensor | None = None) -> torch.Tensor:
+    """out[n] = Σ_{j<k} y[inverse[n·k + j]] (+ residual[n], summed in the same pass, in fp32 on CUDA); `index` is
+    the permutation inverse to `inverse`."""
+    return _PermuteRows.apply(y, inverse, index, k, True, residual)
 
 
 class MoE(nn.Module):
@@ -227,30 +235,32 @@ class MoE(nn.Module):
                                if cfg.n_shared_experts else None)
         self.overlap_shared = False   # the shared experts on a stream of their own: _overlapped
 
-    def forward(self, x: torch.Tensor, return_stats: bool = False):
+    def forward(self, x: torch.Tensor, return_stats: bool = False, residual: torch.Tensor | None = None):
+        """x (B, T, H) -> h_t (+ residual, the block's, added in the pass that sums the experts' rows rather than
+        in a pass of its own) and, if return_stats, RouterStats."""
         if self.overlap_shared and self.shared_experts is not None:
-            y, *stats = self._overlapped(x, return_stats)
+            y, *stats = self._overlapped(x, return_stats, residual)
         else:
-            y, *stats = self.routed(x, return_stats)
+            y, *stats = self.routed(x, return_stats, residual)
             if self.shared_experts is not None:
                 y = y + self.shared_experts(x)
         return (y, RouterStats(*stats)) if return_stats else y
 
-    def routed(self, x: torch.Tensor, return_stats: bool = False):
-        """x (B, T, H) -> (Σ_{i∈select} g_i FFN_i(x),) and, if return_stats, the RouterStats fields (tensors
-        only: this is compiled on its own when the shared experts overlap, and a dataclass coming out of a
-        compiled region left its fields outside it in torch 2.11)."""
+    def routed(self, x: torch.Tensor, return_stats: bool = False, residual: torch.Tensor | None = None):
+        """x (B, T, H) -> (Σ_{i∈select} g_i FFN_i(x) + residual,) and, if return_stats, the RouterStats fields
+        (tensors only: this is compiled on its own when the shared experts overlap, and a dataclass coming out of
+        a compiled region left its fields outside it in torch 2.11)."""
         B, T, H = x.shape
         flat = x.reshape(-1, H)
         weights, indices, scores = self.gate(flat)
-        y = self.experts(flat, weights, indices).view(B, T, H)
+        y = self.experts(flat, weights, indices, None if residual is None else residual.reshape(-1, H)).view(B, T, H)
         if not return_stats:
             return (y,)
         stats = self.router_stats(indices.view(B, T, -1), scores.view(B, T, -1))
         return y, stats.load, stats.balance_loss
 
     @torch.compiler.disable
-    def _overlapped(self, x: torch.Tensor, return_stats: bool):
+    def _overlapped(self, x: torch.Tensor, return_stats: bool, residual: torch.Tensor | None):
         """The shared experts on a side stream while the routed path runs on the current one: the two are
         independent until their sum. Forward, the shared experts' GEMMs fill the GPU while the gate's top-k, the
         expert sort and the row gather run (short kernels, most of them latency-bound); autograd runs each
@@ -264,7 +274,7 @@ class MoE(nn.Module):
         side.wait_stream(main)
         with streams.stream(side):
             shared = self.shared_experts(x)
-        y, *stats = self.routed(x, return_stats)
+        y, *stats = self.routed(x, return_stats, residual)
         main.wait_stream(side)
         return y + shared, *stats
 
