@@ -72,45 +72,44 @@ def test_document_mask_flex_trains_like_dense(tmp_path, data_dir, monkeypatch): 
     torch.testing.assert_close(torch.tensor(ce["flex"]), torch.tensor(ce["dense"]), rtol=1e-2, atol=0)
 
 
+def _step_losses(out, data, graph: bool, steps: int, *extra, resume_at: int | None = None) -> list[float]:
+    """A CUDA run with compiled blocks, stepped eagerly or by run.step_graph (resumed from its checkpoint at
+    resume_at, if given): its per-step training losses and validation losses, in order. Every parameter must
+    have been stepped `steps` times."""
+    cfg = config(out, data, "run.device=\"cuda\"", "run.compile=true", "run.cuda_graphs=false",
+                 f"run.step_graph={str(graph).lower()}", f"run.steps={steps}", *extra)
+    if resume_at is not None:
+        Trainer(cfg).fit(until=resume_at)
+        trainer = Trainer(cfg, resume=str(out))
+    else:
+        trainer = Trainer(cfg)
+    trainer.fit()
+    assert {s["step"] for s in trainer.optimizer.state.values()} == {steps}
+    return [r["loss"] if r["split"] == "train" else r["val_loss"] for r in read(f"{out}/metrics.jsonl")
+            if r["split"] in ("train", "val")]
+
+
 def test_step_graph_trains_like_eager_steps(tmp_path, data_dir):  # noqa: F811
     """run.step_graph: three warm-up steps, the capture, then replays. Per-step losses equal those of the same
     compiled blocks stepped eagerly, through a learning-rate warm-up and an MTP λ that changes mid-run (both read
     by the graph from device scalars), 2 micro-batches a step and evaluations; the checkpoint holds true step
     counts, and a run resumed from it (a fresh capture) finishes like the uninterrupted one."""
-    losses = {}
-    for graph in ("false", "true", "resumed"):
-        out = tmp_path / graph
-        cfg = config(out, data_dir, "run.device=\"cuda\"", "run.compile=true", "run.cuda_graphs=false",
-                     f"run.step_graph={'false' if graph == 'false' else 'true'}", "run.steps=10", "eval.every=5",
-                     "checkpoint.every=5", "schedule.warmup_steps=6", "mtp.lambda_start=0.3", "mtp.lambda_end=0.1",
-                     "mtp.lambda_switch=0.75")
-        if graph == "resumed":
-            Trainer(cfg).fit(until=5)
-            trainer = Trainer(cfg, resume=str(out))
-        else:
-            trainer = Trainer(cfg)
-        trainer.fit()
-        assert {s["step"] for s in trainer.optimizer.state.values()} == {10}
-        losses[graph] = [r["loss"] if r["split"] == "train" else r["val_loss"] for r in read(f"{out}/metrics.jsonl")
-                         if r["split"] in ("train", "val")]
-    assert len(losses["false"]) == 13   # 10 steps, evaluations at steps 0, 5 and 10
-    for graph in ("true", "resumed"):
-        torch.testing.assert_close(torch.tensor(losses[graph]), torch.tensor(losses["false"]), rtol=2e-3, atol=0)
+    extra = ("eval.every=5", "checkpoint.every=5", "schedule.warmup_steps=6", "mtp.lambda_start=0.3",
+             "mtp.lambda_end=0.1", "mtp.lambda_switch=0.75")
+    eager = _step_losses(tmp_path / "false", data_dir, False, 10, *extra)
+    assert len(eager) == 13   # 10 steps, evaluations at steps 0, 5 and 10
+    for run, resume_at in (("true", None), ("resumed", 5)):
+        graph = _step_losses(tmp_path / run, data_dir, True, 10, *extra, resume_at=resume_at)
+        torch.testing.assert_close(torch.tensor(graph), torch.tensor(eager), rtol=2e-3, atol=0)
 
 
 def test_step_graph_with_document_mask_trains_like_eager_steps(tmp_path, data_dir):  # noqa: F811
     """run.step_graph with data.document_mask: each replay builds its FlexAttention BlockMask from the document ids
     copied into the graph's input buffer, so per-step losses equal those of eager steps over the same batches."""
-    losses = {}
-    for graph in ("false", "true"):
-        out = tmp_path / graph
-        cfg = config(out, data_dir, "run.device=\"cuda\"", "run.compile=true", "run.cuda_graphs=false",
-                     f"run.step_graph={graph}", "data.document_mask=true", "run.steps=8", "eval.every=4")
-        Trainer(cfg).fit()
-        losses[graph] = [r["loss"] if r["split"] == "train" else r["val_loss"] for r in read(f"{out}/metrics.jsonl")
-                         if r["split"] in ("train", "val")]
-    assert len(losses["false"]) == 11   # 8 steps, evaluations at steps 0, 4 and 8
-    torch.testing.assert_close(torch.tensor(losses["true"]), torch.tensor(losses["false"]), rtol=2e-3, atol=0)
+    eager, graph = (_step_losses(tmp_path / str(g), data_dir, g, 8, "data.document_mask=true", "eval.every=4")
+                    for g in (False, True))
+    assert len(eager) == 11   # 8 steps, evaluations at steps 0, 4 and 8
+    torch.testing.assert_close(torch.tensor(graph), torch.tensor(eager), rtol=2e-3, atol=0)
 
 
 def test_step_graph_in_fp8_trains_like_eager_steps(tmp_path, data_dir):  # noqa: F811
@@ -118,16 +117,7 @@ def test_step_graph_in_fp8_trains_like_eager_steps(tmp_path, data_dir):  # noqa:
     emulation, then the quantizations and GEMMs (custom ops inside the compiled blocks) replay from the step's
     graph, the shared experts on their side stream. Per-step losses equal those of the same FP8 model stepped
     eagerly, with 2 micro-batches a step and evaluations."""
-    losses = {}
-    for graph in ("false", "true"):
-        out = tmp_path / graph
-        cfg = config(out, data_dir, "run.device=\"cuda\"", "run.precision=\"fp8\"", "run.compile=true",
-                     "run.cuda_graphs=false", f"run.step_graph={graph}", "run.steps=8", "eval.every=4",
-                     "optim.grad_accum=2", "checkpoint.every=0")
-        trainer = Trainer(cfg)
-        trainer.fit()
-        assert {s["step"] for s in trainer.optimizer.state.values()} == {8}
-        losses[graph] = [r["loss"] if r["split"] == "train" else r["val_loss"] for r in read(f"{out}/metrics.jsonl")
-                         if r["split"] in ("train", "val")]
-    assert len(losses["false"]) == 11   # 8 steps, evaluations at steps 0, 4 and 8
-    torch.testing.assert_close(torch.tensor(losses["true"]), torch.tensor(losses["false"]), rtol=2e-3, atol=0)
+    eager, graph = (_step_losses(tmp_path / str(g), data_dir, g, 8, "run.precision=\"fp8\"", "eval.every=4",
+                                 "optim.grad_accum=2", "checkpoint.every=0") for g in (False, True))
+    assert len(eager) == 11   # 8 steps, evaluations at steps 0, 4 and 8
+    torch.testing.assert_close(torch.tensor(graph), torch.tensor(eager), rtol=2e-3, atol=0)
