@@ -2,7 +2,7 @@
 
     python bench/train.py [--preset small] [--batch 8] [--seq 2048] [--no-compile] [--no-cuda-graphs]
                           [--variants bf16,bf16-graph,fp32,eager] [--scaling] [--inductor NAME=VALUE,...]
-                          [--doc-len N [--dense-mask]] [--no-overlap]
+                          [--doc-len N [--dense-mask]] [--no-overlap] [--rounds R]
 
 Both models start from the same checkpoint; their first-step losses must agree. transformers runs as in
 DESIGN.md §4 (bf16 weights, sdpa, torch's fused AdamW); nanoseek runs like for like (bf16 weights and moments)
@@ -96,11 +96,12 @@ def nanoseek_optimizer(model, dtype):
     return AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.999), weight_decay=0.01, moment_dtype=dtype)
 
 
-def measure(step, iters, warmup, reset=True, clocks=None):
-    """(median ms, peak GiB); `clocks`, a dict, gets the SM clock and power over the timed steps (gpu_clocks)."""
+def measure(step, iters, warmup, reset=True, clocks=None, resident=0):
+    """(median ms, peak GiB); `clocks`, a dict, gets the SM clock and power over the timed steps (gpu_clocks).
+    resident: bytes held by other models kept alive (--rounds), left out of the peak."""
     if reset:
         torch.cuda.reset_peak_memory_stats()
-    return median(cuda_time_ms(step, warmup, iters, clocks)), torch.cuda.max_memory_allocated() / 2**30
+    return median(cuda_time_ms(step, warmup, iters, clocks)), (torch.cuda.max_memory_allocated() - resident) / 2**30
 
 
 def build_nanoseek(cfg, compile_blocks, state=None, dtype=torch.float32, fp8=False, compile_mode=None,
@@ -141,11 +142,17 @@ def main():
                     "this many tokens (needs --no-hf: transformers runs unmasked)")
     ap.add_argument("--dense-mask", action="store_true", help="with --doc-len: SDPA with a dense (B, T, T) mask "
                     "instead of FlexAttention's block mask")
+    ap.add_argument("--rounds", type=int, default=1, help="time every run this many times, in turn (transformers, "
+                    "then each variant, then again), all models kept alive: the ratio of each round and their "
+                    "median, so that a change of the GPU's clock or power state during the run reaches both sides")
     ap.add_argument("--inductor", default="", help="torch._inductor.config settings for nanoseek's compiled blocks, "
                     "e.g. coordinate_descent_tuning=True,triton.multi_kernel=1 (comma-separated NAME=PYTHON_VALUE)")
     args = ap.parse_args()
     if args.doc_len and not args.no_hf:
         raise SystemExit("--doc-len: compare against nanoseek's unmasked runs, with --no-hf")
+    if args.rounds < 1 or (args.rounds > 1 and not all("-graph" in v for v in args.variants.split(","))):
+        raise SystemExit("--rounds: >= 1, and above 1 only with step-graph variants (a graph replays as captured; "
+                         "a compiled model would recompile after the next model's dynamo reset)")
     for setting in filter(None, args.inductor.split(",")):
         name, _, value = setting.partition("=")
         *parents, last = name.split(".")   # nested settings too: triton.multi_kernel=1
@@ -169,7 +176,7 @@ def main():
     doc_ids = (torch.arange(T, device="cuda") // args.doc_len).expand(B, T) if args.doc_len else None
     if args.dense_mask:
         transformer.document_mask = functools.partial(document_mask, flex=False)
-    rows = []
+    rows, kept = [], []   # kept: the steps of the runs timed again in later rounds, in the order of rows
 
     # -- identical weights: nanoseek's random init, saved as an HF checkpoint, loaded by transformers
     torch.manual_seed(0)
@@ -190,6 +197,8 @@ def main():
         clocks = {}
         ms, mem = measure(step, args.iters, args.warmup, clocks=clocks)
         rows.append(("transformers (bf16, sdpa)", ms, mem, clocks))
+        if args.rounds > 1:
+            kept.append(step)
         del hf, opt, step
         gc.collect()
         torch.cuda.empty_cache()
@@ -209,6 +218,7 @@ def main():
         name = (f"nanoseek ({weights}, {how}" + (f", recompute {recompute}" if recompute else "")
                 + (f", documents of {args.doc_len} ({'dense' if args.dense_mask else 'flex'} mask)"
                    if args.doc_len else "") + ")")
+        resident = torch.cuda.memory_allocated()   # the models --rounds keeps alive
         model = build_nanoseek(cfg, comp, state, dtype, compile_mode=None if graph else mode,
                                recompute=recompute or "none", overlap=not args.no_overlap)
         torch.compiler.cudagraph_mark_step_begin()
@@ -222,27 +232,44 @@ def main():
             step = nanoseek_step_fn(model, opt, x, y, doc_ids=doc_ids)
         warmup = args.warmup + (WARMUP_STEPS + 1 if graph else 0)   # past the graph's warm-ups and its capture
         clocks = {}
-        ms, mem = measure(step, args.iters, warmup, reset=not graph, clocks=clocks)
+        ms, mem = measure(step, args.iters, warmup, reset=not graph, clocks=clocks, resident=resident)
         rows.append((name, ms, mem, clocks))
         results.setdefault("first_loss", {})[name] = loss0
+        if args.rounds > 1:
+            kept.append(step)
         del model, opt, step
         gc.collect()
         torch.cuda.empty_cache()
     results["first_loss"]["transformers"] = hf_loss0
+    rounds = [[ms] for _, ms, *_ in rows]   # ms/step of each round, per row
+    for _ in range(args.rounds - 1):   # every step warmed up already: one untimed step re-enters its state
+        for times, step in zip(rounds, kept):
+            times.append(measure(step, args.iters, 1, reset=False)[0])
+    kept.clear()
 
     print(f"\n{torch.cuda.get_device_name()}  preset={args.preset}  batch {B}x{T}  activated {n_act / 1e6:.0f}M  "
           f"bf16 GEMM {gemm:.0f} TFLOP/s")
     print(f"first-step loss: {results['first_loss']}")
     print(f"{'run':40s} {'ms/step':>9s} {'tokens/s':>10s} {'MFU':>6s} {'peak GiB':>9s} {'vs HF':>7s}")
     base = rows[0][1] if not args.no_hf else None
-    for name, ms, mem, clocks in rows:
+    for (name, ms, mem, clocks), times in zip(rows, rounds):
         tps = tokens / (ms * 1e-3)
         mfu = tps * flops_per_token / (gemm * 1e12)
         ratio = f"{base / ms:.2f}x" if base else "-"
         print(f"{name:40s} {ms:9.1f} {tps:10.0f} {100 * mfu:5.1f}% {mem:9.1f} {ratio:>7s}")
         print(f"{'':40s} while timed: {clocks_text(clocks)}")
         results.setdefault("runs", []).append({"name": name, "ms": ms, "tokens_per_s": tps, "mfu": mfu,
-                                               "peak_gib": mem, "clocks": clocks})
+                                               "peak_gib": mem, "clocks": clocks, "rounds_ms": times})
+    if args.rounds > 1:
+        print(f"\n{args.rounds} rounds, in turn (ms/step of each round; ratio to transformers of the same round):")
+        for i, ((name, *_), times) in enumerate(zip(rows, rounds)):
+            line = "  ".join(f"{t:.1f}" for t in times)
+            if base and i > 0:
+                ratios = [h / t for h, t in zip(rounds[0], times)]
+                line += (f"   ratios {'  '.join(f'{r:.2f}x' for r in ratios)}, median {median(ratios):.2f}x "
+                         f"(min {min(ratios):.2f}x)")
+                results["runs"][i]["round_ratios"] = ratios
+            print(f"{name:40s} {line}")
 
     if args.scaling:
         # bf16 weights and moments here (not fp32 masters) so that 256 experts (6.1B parameters) fit in 80 GB
