@@ -254,21 +254,23 @@ def test_fp8_experts_close_to_experts():
 def test_fp8_experts_permutations_folded_into_gemms_change_no_number():
     """FP8Experts' forward gathers the tokens in its quantization and combines inside the down projection; the
     same layer run the unfolded way (Experts.forward_permuted: gather, FP8 GEMMs, combine as ops of their own)
-    must give the same output and gradients, bit for bit (the gather only moves values)."""
+    must give the same output and gradients, bit for bit (the gather only moves values), the block's residual
+    summed with each token's rows in both."""
     _, fp8 = _experts_pair()
     N, K = 150, 3
     x = torch.randn(N, 256)
     indices = torch.stack([torch.randperm(4)[:K] for _ in range(N)])
     indices[:20] = torch.tensor([0, 2, 3])   # uneven loads
     weights = torch.rand(N, K, requires_grad=True)
+    residual = torch.randn(N, 256, requires_grad=True)
     outs = []
     for forward_permuted in (FP8Experts.forward_permuted, Experts.forward_permuted):
         fp8.forward_permuted = forward_permuted.__get__(fp8)
         xi = x.clone().requires_grad_()
-        y = fp8(xi, weights, indices)
+        y = fp8(xi, weights, indices, residual)
         y.square().mean().backward()
-        outs.append((y, xi.grad, weights.grad, fp8.gate_up_proj.grad, fp8.down_proj.grad))
-        weights.grad = fp8.gate_up_proj.grad = fp8.down_proj.grad = None
+        outs.append((y, xi.grad, weights.grad, residual.grad, fp8.gate_up_proj.grad, fp8.down_proj.grad))
+        weights.grad = residual.grad = fp8.gate_up_proj.grad = fp8.down_proj.grad = None
     del fp8.forward_permuted
     for fused, apart in zip(*outs):
         assert torch.equal(fused, apart)

@@ -31,10 +31,9 @@ class FP8Experts(Experts):
                          residual: torch.Tensor | None = None):
         """Experts.forward_permuted with the dispatch gather done by gate_up's quantization and the combine inside
         the down projection, whose backward gathers dy as it quantizes it (fp8/linear.py): the same numbers,
-        two bf16 copies of the (N·K, H) rows fewer each way. The residual is added after, in a pass of its own."""
+        two bf16 copies of the (N·K, H) rows fewer each way; the residual joins the combine."""
         h = swiglu(fp8_matmul(x, self.gate_up_proj, counts, self.emulate, dispatch=perm), g_sorted)
-        y = fp8_matmul(h, self.down_proj, counts, self.emulate, combine=perm)
-        return y if residual is None else residual + y
+        return fp8_matmul(h, self.down_proj, counts, self.emulate, combine=perm, residual=residual)
 
     def extra_repr(self) -> str:
         return f"n_experts={self.n_experts}, emulate={self.emulate}"

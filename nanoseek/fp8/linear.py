@@ -33,11 +33,12 @@ class FP8Matmul(torch.autograd.Function):
     The MoE's row permutations can be folded in (order, inverse, k as in model/moe.py's gather_rows): `dispatch`
     takes x in token order and multiplies the rows x[order[j] // k], gathered by the quantization kernel as it
     reads them, so no bf16 copy of the tokens in expert order is written and read back; `combine` sums each
-    token's k output rows, and its backward gathers dy's rows the same way."""
+    token's k output rows (and the residual, if given, in the same pass: model/moe.py's combine_rows), and its
+    backward gathers dy's rows the same way."""
 
     @staticmethod
     def forward(ctx, x, weight, counts, backend, out_dtype, grad_enabled=True, permute=None, order=None,
-                inverse=None, k=1):
+                inverse=None, k=1, residual=None):
         # needs_input_grad ignores no_grad mode: grad_enabled (the caller's mode) saves the backward's copies
         need_dx, need_dw = ctx.needs_input_grad[:2] if grad_enabled else (False, False)
         with torch.autocast(x.device.type, enabled=False):   # the GEMMs' dtypes are the recipe's, not autocast's
@@ -45,8 +46,8 @@ class FP8Matmul(torch.autograd.Function):
             w = backend.quant_weight(weight)
             y = backend.fprop(x_rows, w, counts, out_dtype)
             if permute == "combine":
-                y = moe_rows.permute_rows(y, inverse, k, True)
-        ctx.permute, ctx.k = permute, k
+                y = moe_rows.permute_rows(y, inverse, k, True, residual)
+        ctx.permute, ctx.k, ctx.out_dtype, ctx.has_residual = permute, k, out_dtype, residual is not None
         # the FP8 operands made here are saved, not x and W: through save_for_backward (what torch.compile
         # traces), the tensors of the backend's structures flattened and the rest kept on ctx
         leaves, ctx.spec = tree_flatten((counts, backend.for_dgrad(w) if need_dx else None, x_t,
@@ -64,23 +65,25 @@ class FP8Matmul(torch.autograd.Function):
         counts, w, x_t, perm = tree_unflatten([next(tensors) if t else next(others) for t in ctx.is_tensor],
                                               ctx.spec)
         backend = ctx.backend
-        dy_rows, dy_t = backend.quant_act(dy, counts, need_dw, *((perm[0], ctx.k) if ctx.permute == "combine"
-                                                                 else ()))
+        d_residual = dy if ctx.has_residual and ctx.needs_input_grad[10] else None
+        # the GEMMs' output dtype, as without a residual (an fp32 residual widens the combined output and dy)
+        dy_rows, dy_t = backend.quant_act(dy.to(ctx.out_dtype), counts, need_dw,
+                                          *((perm[0], ctx.k) if ctx.permute == "combine" else ()))
         dx = backend.dgrad(dy_rows, w, counts, ctx.x_dtype) if need_dx else None
         if dx is not None and ctx.permute == "dispatch":
             dx = moe_rows.permute_rows(dx, perm[1], ctx.k, True)
         dw = backend.wgrad(dy_t, x_t, counts, ctx.w_dtype) if need_dw else None
-        return dx, dw, None, None, None, None, None, None, None, None
+        return dx, dw, None, None, None, None, None, None, None, None, d_residual
 
 
 def fp8_matmul(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor | None = None,
-               emulate: bool | None = None, dispatch: tuple | None = None, combine: tuple | None = None
-               ) -> torch.Tensor:
+               emulate: bool | None = None, dispatch: tuple | None = None, combine: tuple | None = None,
+               residual: torch.Tensor | None = None) -> torch.Tensor:
     """x (..., K) · Wᵀ in FP8 -> (..., N), in autocast's dtype when autocast is on (as F.linear), else x's.
     counts: (G,) rows of x per group for a stacked weight (G, N, K).
     dispatch = (order, inverse, k): x (T, K) is in token order and the rows multiplied are x[order[j] // k]
     (= gather_rows(x, order, inverse, k)); combine = (order, inverse, k): the output (T·k, N) is summed per token
-    (= combine_rows(y, inverse, order, k)). See FP8Matmul.
+    (= combine_rows(y, inverse, order, k)), plus residual (T, N) if given. See FP8Matmul.
 
     The GPU kernels are custom ops that torch.compile traces into the caller's graph; the emulation runs eagerly
     (a graph break), as it splits rows by counts on the host."""
@@ -89,14 +92,15 @@ def fp8_matmul(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor | Non
     backend = backend_for(x.device, emulate)
     permute = "dispatch" if dispatch is not None else "combine" if combine is not None else None
     order, inverse, k = dispatch or combine or (None, None, 1)
-    return (_matmul if backend.traceable else _eager_matmul)(x, weight, counts, backend, permute, order, inverse, k)
+    return (_matmul if backend.traceable else _eager_matmul)(x, weight, counts, backend, permute, order, inverse, k,
+                                                             residual)
 
 
-def _matmul(x, weight, counts, backend, permute, order, inverse, k):
+def _matmul(x, weight, counts, backend, permute, order, inverse, k, residual):
     dev = x.device.type
     out_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
     y = FP8Matmul.apply(x.reshape(-1, x.shape[-1]), weight, counts, backend, out_dtype, torch.is_grad_enabled(),
-                        permute, order, inverse, k)
+                        permute, order, inverse, k, residual)
     return y if permute else y.view(*x.shape[:-1], y.shape[-1])
 
 
