@@ -220,8 +220,8 @@ def gather_rows(x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor, k: 
 
 def combine_rows(y: torch.Tensor, inverse: torch.Tensor, index: torch.Tensor, k: int,
                  residual: torch.Tensor | None = None) -> torch.Tensor:
-    """out[n] = Σ_{j<k} y[inverse[n·k + j]] (+ residual[n], summed in the same pass, in fp32 on CUDA); `index` is
-    the permutation inverse to `inverse`."""
+    """out[n] = Σ_{j<k} y[inverse[n·k + j]] (+ residual[n], in the same pass: summed in fp32 or wider, rounded
+    once); `index` is the permutation inverse to `inverse`."""
     return _PermuteRows.apply(y, inverse, index, k, True, residual)
 
 
